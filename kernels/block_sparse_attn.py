@@ -1,0 +1,164 @@
+"""Triton block-sparse attention forward.
+
+One program computes one query block of one (batch, head) and walks only the key blocks the mask
+lists for it, with an online softmax accumulated in fp32 (FlashAttention-2 style).
+
+Optionally the kernel reads and writes tokens through a ``token_order`` table: position ``p`` of
+the tiled sequence is token ``token_order[p]`` of the model's sequence, or padding when it is -1.
+This fuses the spatiotemporal tiling permutation into the loads and stores, so q, k and v are never
+copied into tiled order, and lets edge tiles that the grid does not fill be padded to whole blocks
+whose padding keys are never attended.
+
+Only ``sparse_vdit.ops`` calls into this module.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Block size is a property of the mask (semantic), so it is never tuned here: only warps and stages.
+# The autotune key holds head_dim and the block shape (Triton adds the tensor dtypes itself); never
+# the sequence length, so a new resolution or frame count does not re-tune.
+if _INTERPRET:
+    _CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
+else:
+    _CONFIGS = [
+        triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)
+    ]
+
+
+@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"])
+@triton.jit
+def _block_sparse_attn_fwd(
+    q, k, v, o, lse,
+    kv_counts, kv_indices, token_order,
+    sm_scale_log2,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_ik,
+    H, N, HEAD_DIM,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] positions in (tiled) sequence
+    o_n = tl.arange(0, BLOCK_N)  # [BN]
+    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    m_d = o_d < HEAD_DIM
+
+    if HAS_ORDER:
+        i_q = tl.load(token_order + o_m)  # [BM] token index in model order, -1 for padding
+        m_q = i_q >= 0
+        i_q = tl.where(m_q, i_q, 0)
+    else:
+        i_q = o_m
+        m_q = o_m < N
+
+    p_q = q + i_b * stride_qb + i_h * stride_qh + i_q[:, None] * stride_qn + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+
+    p_k_bh = k + i_b * stride_kb + i_h * stride_kh
+    p_v_bh = v + i_b * stride_vb + i_h * stride_vh
+    p_cnt = kv_counts + i_b * stride_cb + i_h * stride_ch + i_m * stride_cm
+    p_idx = kv_indices + i_b * stride_ib + i_h * stride_ih + i_m * stride_im
+    n_blocks = tl.load(p_cnt)
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for i_blk in range(0, n_blocks):
+        i_kb = tl.load(p_idx + i_blk * stride_ik)
+        o_kv = i_kb * BLOCK_N + o_n  # [BN]
+        if HAS_ORDER:
+            i_kv = tl.load(token_order + o_kv)
+            m_kv = i_kv >= 0
+            i_kv = tl.where(m_kv, i_kv, 0)
+        else:
+            i_kv = o_kv
+            m_kv = o_kv < N
+        p_k = p_k_bh + i_kv[None, :] * stride_kn + o_d[:, None] * stride_kd
+        b_kt = tl.load(p_k, mask=m_kv[None, :] & m_d[:, None], other=0.0)  # [BD, BN]
+        b_s = tl.dot(b_q, b_kt) * sm_scale_log2  # [BM, BN] fp32 logits in log2 units
+        b_s = tl.where(m_kv[None, :], b_s, float("-inf"))
+
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # A row that has seen only padding keeps max -inf; subtract 0 there so exp2 gives 0, not NaN.
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.math.exp2(b_m - b_m_safe)
+        b_p = tl.math.exp2(b_s - b_m_safe[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+
+        p_v = p_v_bh + i_kv[:, None] * stride_vn + o_d[None, :] * stride_vd
+        b_v = tl.load(p_v, mask=m_kv[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+
+    # A query block with no key blocks (or only padding keys) gives zeros and LSE = -inf, never NaN.
+    m_empty = b_l == 0.0
+    b_l_safe = tl.where(m_empty, 1.0, b_l)
+    b_o = b_acc / b_l_safe[:, None]
+    p_o = o + i_b * stride_ob + i_h * stride_oh + i_q[:, None] * stride_on + o_d[None, :] * stride_od
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+
+    # Natural-log LSE: (m + log2(l)) * ln(2).
+    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.math.log2(b_l_safe)) * 0.6931471805599453)
+    p_lse = lse + i_b * stride_lb + i_h * stride_lh + i_q * stride_ln
+    tl.store(p_lse, b_lse, mask=m_q)
+
+
+def block_sparse_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    token_order: torch.Tensor | None,
+    scale: float,
+    q_block: int,
+    kv_block: int,
+    num_q_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Inputs are validated by ``sparse_vdit.ops``.
+
+    q, k, v: [B, H, N, D] (any strides); kv_counts: int32 [Bm, Hm, Mq]; kv_indices: int32
+    [Bm, Hm, Mq, K] with Bm in {1, B}, Hm in {1, H}; token_order: int32 [Mq * q_block] or None.
+    Returns o: [B, H, N, D] in q's dtype and lse: fp32 [B, H, N].
+    """
+    B, H, N, D = q.shape
+    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    # Broadcast dims of the mask get stride 0, so one mask serves every batch element / head.
+    cb = kv_counts.stride(0) if kv_counts.shape[0] > 1 else 0
+    ch = kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0
+    ib = kv_indices.stride(0) if kv_indices.shape[0] > 1 else 0
+    ih = kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0
+    has_order = token_order is not None
+    order_arg = token_order if has_order else kv_counts  # dummy pointer, never read
+    block_d = max(16, triton.next_power_of_2(D))
+    grid = (num_q_blocks, B * H)
+    _block_sparse_attn_fwd[grid](
+        q, k, v, o, lse,
+        kv_counts, kv_indices, order_arg,
+        scale * 1.4426950408889634,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
+        cb, ch, kv_counts.stride(2),
+        ib, ih, kv_indices.stride(2), kv_indices.stride(3),
+        H, N, D,
+        BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=block_d,
+        HAS_ORDER=has_order,
+    )
+    return o, lse

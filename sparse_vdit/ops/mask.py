@@ -1,0 +1,224 @@
+"""``BlockSparseMask``: which key blocks each query block visits (FlexAttention's BlockMask idea)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _pair(block_size) -> tuple[int, int]:
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        q_block, kv_block = block_size, block_size
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        q_block, kv_block = int(block_size[0]), int(block_size[1])
+    else:
+        raise ValueError(f"block_size must be an int or a (q_block, kv_block) pair, got {block_size!r}")
+    for name, b in (("q_block", q_block), ("kv_block", kv_block)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (e.g. 64 or 128), got {b}")
+    return q_block, kv_block
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparseMask:
+    """Per (batch-or-broadcast, head, query block): how many key blocks to visit, and which.
+
+    kv_counts:  int32 [Bm, H, Mq], Bm is 1 (broadcast over batch) or the batch size.
+    kv_indices: int32 [Bm, H, Mq, K], the first ``kv_counts`` entries of each row are the visited
+                key-block indices in increasing order; the rest is padding (0).
+    q_block, kv_block: tokens per query / key block.
+    num_kv_blocks: Mk, the number of key blocks of the sequence.
+
+    Masks hold whole blocks only: a block is computed fully or skipped. Build one with
+    :meth:`from_dense`.
+    """
+
+    kv_counts: torch.Tensor
+    kv_indices: torch.Tensor
+    q_block: int
+    kv_block: int
+    num_kv_blocks: int
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, blocks: torch.Tensor, block_size: int | tuple[int, int] = 64) -> "BlockSparseMask":
+        """Build from a boolean block matrix ``[H, Mq, Mk]`` or ``[B, H, Mq, Mk]``.
+
+        ``blocks[..., i, j]`` is True when query block ``i`` visits key block ``j``.
+        ``block_size`` is an int or a ``(q_block, kv_block)`` pair.
+        """
+        if not isinstance(blocks, torch.Tensor):
+            raise TypeError(f"blocks must be a torch.Tensor, got {type(blocks).__name__}")
+        if blocks.dim() == 3:
+            blocks = blocks.unsqueeze(0)
+        if blocks.dim() != 4:
+            raise ValueError(
+                f"blocks must have shape [H, Mq, Mk] or [B, H, Mq, Mk], got {tuple(blocks.shape)}"
+            )
+        if blocks.dtype != torch.bool:
+            raise ValueError(f"blocks must be a bool tensor, got dtype {blocks.dtype}")
+        if min(blocks.shape) == 0:
+            raise ValueError(f"blocks has an empty dimension: {tuple(blocks.shape)}")
+        q_block, kv_block = _pair(block_size)
+        counts = blocks.sum(-1, dtype=torch.int32)
+        # Stable sort of "not visited" puts visited block indices first, in increasing order.
+        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
+        width = max(int(counts.max()), 1)
+        indices = order[..., :width].to(torch.int32)
+        valid = torch.arange(width, device=blocks.device) < counts.unsqueeze(-1)
+        indices = torch.where(valid, indices, torch.zeros_like(indices)).contiguous()
+        return cls(counts.contiguous(), indices, q_block, kv_block, blocks.shape[-1])
+
+    @classmethod
+    def from_indices(
+        cls,
+        kv_counts: torch.Tensor,
+        kv_indices: torch.Tensor,
+        block_size: int | tuple[int, int],
+        num_kv_blocks: int,
+    ) -> "BlockSparseMask":
+        """Build from counts ``[Bm, H, Mq]`` and indices ``[Bm, H, Mq, K]`` (validated)."""
+        q_block, kv_block = _pair(block_size)
+        if kv_counts.dim() == 2:
+            kv_counts = kv_counts.unsqueeze(0)
+        if kv_indices.dim() == 3:
+            kv_indices = kv_indices.unsqueeze(0)
+        if kv_counts.dim() != 3 or kv_indices.dim() != 4 or kv_indices.shape[:3] != kv_counts.shape:
+            raise ValueError(
+                "kv_counts must be [Bm, H, Mq] and kv_indices [Bm, H, Mq, K] with matching leading dims, "
+                f"got {tuple(kv_counts.shape)} and {tuple(kv_indices.shape)}"
+            )
+        if kv_counts.min() < 0 or kv_counts.max() > min(kv_indices.shape[-1], num_kv_blocks):
+            raise ValueError(
+                f"kv_counts must lie in [0, {min(kv_indices.shape[-1], num_kv_blocks)}], "
+                f"got range [{int(kv_counts.min())}, {int(kv_counts.max())}]"
+            )
+        valid = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_counts.unsqueeze(-1)
+        used = kv_indices[valid]
+        if used.numel() and (used.min() < 0 or used.max() >= num_kv_blocks):
+            raise ValueError(
+                f"kv_indices must lie in [0, {num_kv_blocks - 1}] (num_kv_blocks={num_kv_blocks}), "
+                f"got range [{int(used.min())}, {int(used.max())}]"
+            )
+        indices = torch.where(valid, kv_indices, torch.zeros_like(kv_indices))
+        return cls(kv_counts.to(torch.int32).contiguous(), indices.to(torch.int32).contiguous(),
+                   q_block, kv_block, int(num_kv_blocks))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def batch(self) -> int:
+        return self.kv_counts.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.kv_counts.shape[1]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_counts.shape[2]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(Bm, H, Mq, Mk) of the block matrix."""
+        return (self.batch, self.heads, self.num_q_blocks, self.num_kv_blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_counts.device
+
+    def to(self, device) -> "BlockSparseMask":
+        return BlockSparseMask(self.kv_counts.to(device), self.kv_indices.to(device),
+                               self.q_block, self.kv_block, self.num_kv_blocks)
+
+    # ------------------------------------------------------------------ conversions
+    def to_dense(self) -> torch.Tensor:
+        """Boolean block matrix ``[Bm, H, Mq, Mk]``."""
+        Bm, H, Mq, Mk = self.shape
+        valid = torch.arange(self.kv_indices.shape[-1], device=self.device) < self.kv_counts.unsqueeze(-1)
+        dense = torch.zeros(Bm, H, Mq, Mk + 1, dtype=torch.bool, device=self.device)
+        # Padding entries scatter into an extra column that is dropped.
+        idx = torch.where(valid, self.kv_indices.long(), torch.full_like(self.kv_indices, Mk, dtype=torch.long))
+        dense.scatter_(-1, idx, True)
+        return dense[..., :Mk]
+
+    def density(self) -> float:
+        """Fraction of (query block, key block) pairs visited, averaged over batch and heads."""
+        return float(self.kv_counts.sum()) / (self.kv_counts.numel() * self.num_kv_blocks)
+
+    def head_density(self) -> torch.Tensor:
+        """Density per head, float [H] (averaged over the mask's batch dimension)."""
+        return self.kv_counts.double().sum(dim=(0, 2)) / (self.batch * self.num_q_blocks * self.num_kv_blocks)
+
+    def to_flex(self, seq_len: int):
+        """The same blocks as a ``torch.nn.attention.flex_attention.BlockMask`` over ``seq_len`` tokens.
+
+        Blocks wholly inside the sequence are passed as "full" blocks (no per-token mask) and the
+        block lookup is also given as ``mask_mod``, so eager FlexAttention (which evaluates
+        ``mask_mod`` densely) and compiled FlexAttention (which walks the blocks) agree.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        self.check_seq_len(seq_len)
+        dense = self.to_dense()
+        Bm = self.batch
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            bb = b if Bm > 1 else torch.zeros_like(b)
+            hh = h if self.heads > 1 else torch.zeros_like(h)
+            return dense[bb, hh, q_idx // self.q_block, kv_idx // self.kv_block]
+
+        tail_partial = seq_len % self.kv_block != 0
+        full = dense.clone()
+        partial = torch.zeros_like(dense)
+        if tail_partial:
+            full[..., -1] = False
+            partial[..., -1] = dense[..., -1]
+
+        def to_kv(blocks):
+            cnt = blocks.sum(-1, dtype=torch.int32)
+            idx = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+            return cnt.contiguous(), idx.contiguous()
+
+        p_cnt, p_idx = to_kv(partial)
+        f_cnt, f_idx = to_kv(full)
+        return BlockMask.from_kv_blocks(
+            p_cnt, p_idx, f_cnt, f_idx,
+            BLOCK_SIZE=(self.q_block, self.kv_block), mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
+        )
+
+    # ------------------------------------------------------------------ checks and display
+    def check_seq_len(self, seq_len: int, padded_len: int | None = None) -> None:
+        """Raise ValueError unless the block counts fit a sequence of ``seq_len`` tokens.
+
+        ``padded_len`` is the length of the tiled sequence when a token order is used.
+        """
+        length = seq_len if padded_len is None else padded_len
+        want_q = -(-length // self.q_block)
+        want_kv = -(-length // self.kv_block)
+        if self.num_q_blocks != want_q or self.num_kv_blocks != want_kv:
+            what = f"sequence of {seq_len} tokens" if padded_len is None else f"tiled sequence of {padded_len} positions"
+            raise ValueError(
+                f"mask has {self.num_q_blocks} query blocks x {self.num_kv_blocks} key blocks of "
+                f"{self.q_block}x{self.kv_block} tokens, but a {what} needs {want_q} x {want_kv}"
+            )
+
+    def to_string(self, max_blocks: int = 32) -> str:
+        """Text picture of each head's block matrix ('#' visited, '.' skipped), for small masks."""
+        dense = self.to_dense().cpu()
+        lines = []
+        for b in range(self.batch):
+            for h in range(self.heads):
+                lines.append(f"batch {b} head {h}: density {float(dense[b, h].float().mean()):.3f}")
+                for row in dense[b, h, :max_blocks, :max_blocks]:
+                    tail = " ..." if self.num_kv_blocks > max_blocks else ""
+                    lines.append("".join("#" if x else "." for x in row.tolist()) + tail)
+                if self.num_q_blocks > max_blocks:
+                    lines.append("...")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        Bm, H, Mq, Mk = self.shape
+        return (
+            f"BlockSparseMask(shape=(batch={Bm}, heads={H}, q_blocks={Mq}, kv_blocks={Mk}), "
+            f"block=({self.q_block}, {self.kv_block}), density={self.density():.4f}, device={self.device})"
+        )
