@@ -28,8 +28,19 @@ def _alias_source_kernels() -> None:
 
 _alias_source_kernels()
 
+from . import masks, ops, viz  # noqa: E402
+from .masks import VideoLayout  # noqa: E402
 from .ops import BlockSparseMask, block_sparse_attention, reference_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockSparseMask", "block_sparse_attention", "reference_attention", "__version__"]
+__all__ = [
+    "BlockSparseMask",
+    "VideoLayout",
+    "block_sparse_attention",
+    "masks",
+    "ops",
+    "reference_attention",
+    "viz",
+    "__version__",
+]
