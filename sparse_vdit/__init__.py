@@ -28,19 +28,25 @@ def _alias_source_kernels() -> None:
 
 _alias_source_kernels()
 
-from . import masks, ops, viz  # noqa: E402
+from . import masks, ops, plan, viz  # noqa: E402
+from .integration import SparseAttnProcessor, apply, remove  # noqa: E402
 from .masks import VideoLayout  # noqa: E402
+from .plan import SparsityPlan  # noqa: E402
 from .ops import BlockSparseMask, block_sparse_attention, reference_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockSparseMask",
+    "SparseAttnProcessor",
+    "SparsityPlan",
     "VideoLayout",
+    "apply",
     "block_sparse_attention",
     "masks",
     "ops",
     "reference_attention",
+    "remove",
     "viz",
     "__version__",
 ]

@@ -1,0 +1,75 @@
+"""``apply`` / ``remove``: put sparse attention on a pipeline or transformer, and take it off."""
+from __future__ import annotations
+
+from ..plan import SparsityPlan
+from .adapters import adapter_for
+from .processor import SparseAttnProcessor
+
+
+def _transformers(pipe_or_transformer, plan):
+    """(transformer, plan, scheduler) pairs. Wan 2.2 has a second transformer (`transformer_2`),
+    which needs a plan of its own: pass a dict {"transformer": plan, "transformer_2": plan2}."""
+    obj = pipe_or_transformer
+    scheduler = getattr(obj, "scheduler", None)
+    names = [n for n in ("transformer", "transformer_2") if getattr(obj, n, None) is not None]
+    if not names:  # a bare transformer
+        return [(obj, plan if not isinstance(plan, dict) else plan.get("transformer"), None)]
+    plans = plan if isinstance(plan, dict) else {"transformer": plan}
+    out = []
+    for n in names:
+        if n not in plans:
+            if n == "transformer_2":
+                raise ValueError("this pipeline has a second transformer (transformer_2, Wan 2.2): pass "
+                                 "plan={'transformer': plan, 'transformer_2': plan2}")
+            raise ValueError(f"no plan given for {n}")
+        out.append((getattr(obj, n), plans[n], scheduler))
+    return out
+
+
+def apply(pipe_or_transformer, plan, backend: str | None = None):
+    """Install a :class:`SparseAttnProcessor` on every attention module of the pipeline's
+    transformer(s). Returns the processor (or a dict of them for two transformers).
+
+    The original processors are remembered, so :func:`remove` restores them exactly.
+    """
+    procs = {}
+    for transformer, p, scheduler in _transformers(pipe_or_transformer, plan):
+        if not isinstance(p, SparsityPlan):
+            raise TypeError(f"plan must be a SparsityPlan, got {type(p).__name__}")
+        adapter_for(transformer)  # a clear error for unsupported models
+        p.check_model(transformer)
+        if not hasattr(transformer, "_sparse_vdit_original"):
+            # A SparseAttnProcessor set earlier by hand is not an original: remember the stock one.
+            transformer._sparse_vdit_original = {
+                name: m.processor if not isinstance(m.processor, SparseAttnProcessor) else adapter_for(transformer).stock_processor(m)
+                for name, m in transformer.named_modules() if hasattr(m, "set_processor")
+            }
+        proc = SparseAttnProcessor(p, backend=backend)
+        for _, m in transformer.named_modules():
+            if hasattr(m, "set_processor"):
+                m.set_processor(proc)
+        proc.bind(transformer, scheduler=scheduler)
+        procs[transformer] = proc
+    values = list(procs.values())
+    return values[0] if len(values) == 1 else values
+
+
+def remove(pipe_or_transformer) -> None:
+    """Take sparse attention off: the processors before :func:`apply` come back (or, after a plain
+    ``set_attn_processor``, the family's stock processors) and the hooks go."""
+    obj = pipe_or_transformer
+    names = [n for n in ("transformer", "transformer_2") if getattr(obj, n, None) is not None]
+    transformers = [getattr(obj, n) for n in names] or [obj]
+    for t in transformers:
+        original = getattr(t, "_sparse_vdit_original", None)
+        adapter = adapter_for(t)
+        for name, m in t.named_modules():
+            if not hasattr(m, "set_processor"):
+                continue
+            proc = m.processor
+            if isinstance(proc, SparseAttnProcessor):
+                proc.unbind(t)
+                restored = original.get(name) if original else None
+                m.set_processor(restored if restored is not None else adapter.stock_processor(m))
+        if original is not None:
+            del t._sparse_vdit_original

@@ -1,0 +1,66 @@
+"""Tiny diffusers models with random weights, for the demo, tests and calibration dry runs (no download).
+
+Random weights have no attention structure, so :func:`plant_local_attention` plants it: in a Wan
+layer, q and k become one constant vector per head (zero weights, shared bias) whose RoPE
+rotation makes the logit depend on the 3D distance between tokens only; scaling the q/k RMSNorm
+weights sharpens it (x4: about +-1 frame, +-1-2 tokens wide). All heads of a layer are planted
+together because Wan's q/k RMSNorm runs over all heads at once.
+"""
+from __future__ import annotations
+
+import torch
+
+TINY_WAN_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+    text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True, rope_max_seq_len=1024,
+)
+
+
+def tiny_wan_transformer(num_layers: int = 4, seed: int = 0, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    cfg = {**TINY_WAN_CONFIG, "num_layers": num_layers, **overrides}
+    return WanTransformer3DModel(**cfg).eval()
+
+
+def _rope_pair_entries(head_dim: int) -> list[int]:
+    """First entry of the second frequency pair in each of Wan's three RoPE axis sections (t, h, w).
+
+    Wan splits head_dim into t: head_dim - 4*(head_dim//6), h and w: 2*(head_dim//6) each. For
+    head_dim 32 this gives entries 2, 14 and 24, whose angles stay under pi across a small grid.
+    """
+    h_dim = 2 * (head_dim // 6)
+    t_dim = head_dim - 2 * h_dim
+    return [2, t_dim + 2, t_dim + h_dim + 2]
+
+
+@torch.no_grad()
+def plant_local_attention(transformer, layers, sharpness: float = 4.0, amplitude: float = 1.0) -> None:
+    """Make every head of the given Wan self-attention layers attend locally in 3D (see module doc)."""
+    heads = transformer.config.num_attention_heads
+    head_dim = transformer.config.attention_head_dim
+    entries = _rope_pair_entries(head_dim)
+    for i in layers:
+        attn = transformer.blocks[i].attn1
+        bias = torch.zeros(heads, head_dim)
+        bias[:, entries] = amplitude
+        for lin in (attn.to_q, attn.to_k):
+            lin.weight.zero_()
+            lin.bias.copy_(bias.flatten())
+        for norm in (attn.norm_q, attn.norm_k):
+            norm.weight.fill_(sharpness)
+
+
+def tiny_wan_pipeline(planted_layers=(0, 1, 2), sharpness: float = 4.0, seed: int = 0):
+    """A whole WanPipeline with a tiny transformer and VAE (random weights; structure planted in
+    ``planted_layers``, the other layers stay global). Call it with ``prompt_embeds``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    transformer = tiny_wan_transformer(seed=seed)
+    plant_local_attention(transformer, planted_layers, sharpness=sharpness)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)

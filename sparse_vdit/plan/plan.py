@@ -1,0 +1,238 @@
+"""``SparsityPlan``: per layer x head mask specs, dense steps and layers, tied to a model fingerprint."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import pathlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..masks import normalize_spec, spec_name
+
+PLAN_VERSION = 1
+DENSE = {"kind": "dense"}
+# Config keys that decide whether a plan fits a model: a mismatch in these is an error.
+_STRUCTURAL_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "num_single_layers")
+# Keys recorded for a person to read, compared with a warning only.
+_INFO_KEYS = ("patch_size", "patch_size_t", "in_channels", "out_channels", "text_dim", "ffn_dim",
+              "cross_attn_norm", "sample_frames", "sample_height", "sample_width", "num_layers",
+              "num_attention_heads", "attention_head_dim", "num_single_layers", "image_dim")
+
+
+def model_fingerprint(model) -> dict[str, Any]:
+    """Class name and the config values that matter (JSON-able)."""
+    if isinstance(model, (tuple, list)):
+        return {}
+    cfg = dict(getattr(model, "config", {}) or {})
+    keep = {}
+    for k in dict.fromkeys(_STRUCTURAL_KEYS + _INFO_KEYS):
+        if k in cfg:
+            v = cfg[k]
+            keep[k] = list(v) if isinstance(v, tuple) else v
+    return {"class": type(model).__name__, "config": keep}
+
+
+# The plan layer does not know model families; the integration layer registers how to count a
+# model's sparse-eligible attention layers and heads (dependency inversion keeps the layering).
+_attention_shape_resolver = None
+
+
+def register_attention_shape_resolver(fn) -> None:
+    """``fn(model) -> (layers, heads)``; set by ``sparse_vdit.integration`` on import."""
+    global _attention_shape_resolver
+    _attention_shape_resolver = fn
+
+
+def _attention_shape(model) -> tuple[int, int]:
+    if isinstance(model, (tuple, list)) and len(model) == 2:
+        return int(model[0]), int(model[1])
+    if _attention_shape_resolver is None:
+        raise RuntimeError("import sparse_vdit.integration to build plans from a model, or pass (layers, heads)")
+    return _attention_shape_resolver(model)
+
+
+@dataclass
+class SparsityPlan:
+    """Which mask each (attention layer, head) uses, and when attention stays dense.
+
+    heads: ``heads[layer][head]`` is a mask spec dict (``{"kind": "dense"}`` when dense).
+    tile: (t, h, w) tile shape of the video layout; its volume is the kernel block size.
+    dense_steps: the first denoising steps run dense: a count (int) or a fraction (float in [0, 1)).
+    dense_layers: layers that always run dense (negative indices count from the end).
+    model: the fingerprint of the model the plan was made for.
+    metrics: free room for calibration measurements.
+    """
+
+    heads: list[list[dict[str, Any]]]
+    tile: tuple[int, int, int] = (1, 8, 8)
+    dense_steps: int | float = 0
+    dense_layers: list[int] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self):
+        if not self.heads or not all(isinstance(row, list) and row for row in self.heads):
+            raise ValueError("heads must be a non-empty list (layers) of non-empty lists (heads) of specs")
+        widths = {len(row) for row in self.heads}
+        if len(widths) != 1:
+            raise ValueError(f"every layer must list the same number of heads, got {sorted(widths)}")
+        self.heads = [[normalize_spec(s) for s in row] for row in self.heads]
+        self.tile = tuple(int(x) for x in self.tile)
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, (int, float)):
+            raise ValueError(f"dense_steps must be an int count or a float fraction in [0, 1), got {self.dense_steps!r}")
+        if isinstance(self.dense_steps, float) and not 0.0 <= self.dense_steps < 1.0:
+            raise ValueError(f"a fractional dense_steps must lie in [0, 1), got {self.dense_steps}")
+        if isinstance(self.dense_steps, int) and self.dense_steps < 0:
+            raise ValueError(f"dense_steps must be >= 0, got {self.dense_steps}")
+        n = self.num_layers
+        bad = [i for i in self.dense_layers if not -n <= int(i) < n]
+        if bad:
+            raise ValueError(f"dense_layers {bad} out of range for {n} layers (valid: {-n}..{n - 1})")
+        self.dense_layers = sorted({int(i) % n for i in self.dense_layers})
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def dense(cls, model, tile=(1, 8, 8)) -> "SparsityPlan":
+        """Every head dense: with it the model computes exactly what the stock processors compute."""
+        layers, heads = _attention_shape(model)
+        return cls([[dict(DENSE)] * heads for _ in range(layers)], tile=tile, model=model_fingerprint(model))
+
+    @classmethod
+    def uniform(
+        cls,
+        model,
+        spec: str | dict,
+        dense_steps: int | float = 0,
+        dense_layers: Sequence[int] = (),
+        tile=(1, 8, 8),
+    ) -> "SparsityPlan":
+        """The same mask spec on every head of every layer, except ``dense_layers``."""
+        layers, heads = _attention_shape(model)
+        spec = normalize_spec(spec)
+        return cls([[spec] * heads for _ in range(layers)], tile=tile, dense_steps=dense_steps,
+                   dense_layers=list(dense_layers), model=model_fingerprint(model))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads[0])
+
+    def head(self, layer: int, head: int) -> dict[str, Any]:
+        """The spec of one head (``kind == "dense"`` when dense, also through ``dense_layers``)."""
+        if not -self.num_layers <= layer < self.num_layers or not -self.num_heads <= head < self.num_heads:
+            raise IndexError(f"(layer={layer}, head={head}) out of range for {self.num_layers} layers x {self.num_heads} heads")
+        if layer % self.num_layers in self.dense_layers:
+            return dict(DENSE)
+        return copy.deepcopy(self.heads[layer][head])
+
+    def layer_specs(self, layer: int) -> list[dict[str, Any]]:
+        return [self.head(layer, h) for h in range(self.num_heads)]
+
+    def layer_is_dense(self, layer: int) -> bool:
+        return all(s["kind"] == "dense" for s in self.layer_specs(layer))
+
+    def dense_step_count(self, num_steps: int | None) -> int:
+        """How many of the first steps run dense; a fractional ``dense_steps`` needs ``num_steps``."""
+        if isinstance(self.dense_steps, int):
+            return self.dense_steps
+        if self.dense_steps == 0.0:
+            return 0
+        if num_steps is None:
+            raise ValueError(
+                f"dense_steps={self.dense_steps} is a fraction of the denoising steps, but the number of steps "
+                "is unknown: use sv.apply(pipe, plan) (it reads the scheduler), call "
+                "processor.set_num_inference_steps(n), or give dense_steps as an int count"
+            )
+        return math.ceil(self.dense_steps * num_steps)
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for layer in range(self.num_layers):
+            for s in self.layer_specs(layer):
+                kinds[spec_name(s)] = kinds.get(spec_name(s), 0) + 1
+        total = self.num_layers * self.num_heads
+        dense_heads = sum(v for k, v in kinds.items() if k == "dense")
+        lines = [
+            f"SparsityPlan v{self.version} for {self.model.get('class', '?')}: {self.num_layers} layers x {self.num_heads} heads, "
+            f"tile {'x'.join(map(str, self.tile))}",
+            f"  dense steps: {self.dense_steps}; dense layers: {self.dense_layers or 'none'}; "
+            f"dense heads: {dense_heads}/{total}",
+            "  masks: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])),
+        ]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ model check
+    def check_model(self, model) -> None:
+        """Raise ValueError if the plan does not fit ``model`` (class, layers, heads); warn on other config differences."""
+        fp = model_fingerprint(model)
+        problems = []
+        if self.model.get("class") and self.model["class"] != fp["class"]:
+            problems.append(f"model class: plan {self.model['class']}, model {fp['class']}")
+        layers, heads = _attention_shape(model)
+        if layers != self.num_layers:
+            problems.append(f"attention layers: plan {self.num_layers}, model {layers}")
+        if heads != self.num_heads:
+            problems.append(f"heads per layer: plan {self.num_heads}, model {heads}")
+        pc = self.model.get("config", {})
+        for k in _STRUCTURAL_KEYS:
+            if k in pc and k in fp["config"] and pc[k] != fp["config"][k]:
+                problems.append(f"config {k}: plan {pc[k]}, model {fp['config'][k]}")
+        if problems:
+            raise ValueError("this plan does not fit the model: " + "; ".join(problems))
+        diffs = [k for k in pc if k in fp["config"] and pc[k] != fp["config"][k]]
+        if diffs:
+            warnings.warn(f"plan was made for a model whose config differs in {diffs}; masks still apply", stacklevel=2)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "sparse_vdit.SparsityPlan",
+            "version": self.version,
+            "model": self.model,
+            "tile": list(self.tile),
+            "dense_steps": self.dense_steps,
+            "dense_layers": self.dense_layers,
+            "heads": self.heads,
+            "metrics": self.metrics,
+        }
+
+    def save(self, path: str | pathlib.Path) -> pathlib.Path:
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        d = self.to_dict()
+        # One line per layer keeps the file readable by a person and diffable.
+        head = json.dumps({k: v for k, v in d.items() if k not in ("heads", "metrics")}, indent=1)[:-2]
+        rows = ",\n".join("  " + json.dumps(row) for row in d["heads"])
+        text = f'{head},\n "metrics": {json.dumps(d["metrics"])},\n "heads": [\n{rows}\n ]\n}}\n'
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SparsityPlan":
+        if not isinstance(d, dict) or d.get("format") != "sparse_vdit.SparsityPlan":
+            raise ValueError("not a sparse_vdit plan (missing \"format\": \"sparse_vdit.SparsityPlan\")")
+        version = d.get("version")
+        if version != PLAN_VERSION:
+            raise ValueError(f"plan version {version!r} is not supported by this sparse_vdit (reads version {PLAN_VERSION})")
+        missing = [k for k in ("heads", "tile") if k not in d]
+        if missing:
+            raise ValueError(f"plan is missing {missing}")
+        return cls(heads=d["heads"], tile=tuple(d["tile"]), dense_steps=d.get("dense_steps", 0),
+                   dense_layers=list(d.get("dense_layers", [])), model=d.get("model", {}),
+                   metrics=d.get("metrics", {}), version=version)
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> "SparsityPlan":
+        path = pathlib.Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(d)
