@@ -1,0 +1,50 @@
+"""``sparse-vdit inspect``: summarize a plan JSON, or show a mask spec on a video layout."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv=None) -> int:
+    import sparse_vdit as sv
+
+    p = argparse.ArgumentParser(prog="sparse-vdit inspect", description=__doc__)
+    p.add_argument("plan", nargs="?", help="a plan JSON to summarize")
+    p.add_argument("--mask", help='a mask spec to show instead: a kind name or JSON, e.g. \'{"kind": "radial"}\'')
+    p.add_argument("--grid", default="21,30,52", help="latent grid frames,height,width (tokens after patchify)")
+    p.add_argument("--tile", default="1,8,8", help="tile t,h,w")
+    p.add_argument("--text", type=int, default=0, help="text tokens in the sequence")
+    p.add_argument("--png", help="save a picture of the mask (or of the plan's first layer)")
+    args = p.parse_args(argv)
+    grid = tuple(int(x) for x in args.grid.split(","))
+    tile = tuple(int(x) for x in args.tile.split(","))
+    if args.mask:
+        spec = json.loads(args.mask) if args.mask.lstrip().startswith("{") else args.mask
+        layout = sv.VideoLayout(*grid, tile=tile, text_len=args.text)
+        mask = sv.masks.build(spec, layout)
+        print(layout.describe())
+        print(f"{sv.masks.spec_name(spec)}: density {mask.density():.4f}")
+        if layout.num_blocks <= 48:
+            print(mask.to_string(max_blocks=48))
+        if args.png:
+            print("saved", sv.viz.save_mask_png(mask, args.png, names=[sv.masks.spec_name(spec)]))
+        return 0
+    if not args.plan:
+        p.error("give a plan JSON or --mask SPEC")
+    plan = sv.SparsityPlan.load(args.plan)
+    print(plan.summary())
+    layout = sv.VideoLayout(*grid, tile=tuple(plan.tile), text_len=args.text)
+    print(f"on {layout.describe()}:")
+    total = 0.0
+    for layer in range(plan.num_layers):
+        specs = plan.layer_specs(layer)
+        dens = sv.masks.build(specs, layout).head_density().tolist()
+        total += sum(dens)
+        dense_heads = sum(s["kind"] == "dense" for s in specs)
+        print(f"  layer {layer:3d}: mean density {sum(dens) / len(dens):.3f}, dense heads {dense_heads}/{len(specs)}")
+    avg = total / (plan.num_layers * plan.num_heads)
+    print(f"average density {avg:.3f}; attention speedup at most {1 / avg:.2f}x on sparse steps (ideal 1/density)")
+    if args.png:
+        names = [sv.masks.spec_name(s) for s in plan.layer_specs(0)]
+        print("saved", sv.viz.save_mask_png(sv.masks.build(plan.layer_specs(0), layout), args.png, names=names))
+    return 0

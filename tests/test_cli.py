@@ -1,0 +1,36 @@
+"""The command line runs end to end (the demo is exercised by the README's demo command)."""
+import subprocess
+import sys
+
+import sparse_vdit as sv
+from sparse_vdit.cli import main
+
+
+def test_inspect_mask_and_plan(tmp_path, capsys):
+    assert main(["inspect", "--mask", "radial", "--grid", "4,8,8", "--tile", "1,4,4", "--png", str(tmp_path / "m.png")]) == 0
+    out = capsys.readouterr().out
+    assert "radial(d=1): density 0.8750" in out and (tmp_path / "m.png").exists()
+    plan = sv.SparsityPlan(heads=[[{"kind": "temporal"}, {"kind": "dense"}]] * 2, tile=(1, 4, 4), dense_layers=[1])
+    plan.save(tmp_path / "p.json")
+    assert main(["inspect", str(tmp_path / "p.json"), "--grid", "4,8,8"]) == 0
+    out = capsys.readouterr().out
+    assert "dense heads 2/2" in out and "average density" in out
+
+
+def test_bench_kernel_smoke_on_cpu(tmp_path, monkeypatch):
+    """The benchmark harness runs (torch backend, tiny shapes); CPU results are not performance and
+    are written to a temporary folder."""
+    from sparse_vdit.cli import _benchmarks_module
+
+    bench = _benchmarks_module("bench_kernel")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "QUICK_SHAPES", {"tiny": (1, 2, 256, 64)})
+    base = bench.main(["--quick", "--dtype", "float32", "--densities", "1.0", "0.25", "--reps", "3", "--no-flex",
+                       "--block", "32", "--backend", "torch"])
+    text = base.with_suffix(".json").read_text()
+    assert '"device": "cpu' in text and '"density": 0.25' in text
+
+
+def test_console_script_help():
+    r = subprocess.run([sys.executable, "-m", "sparse_vdit.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "demo" in r.stdout

@@ -1,0 +1,179 @@
+"""The processor on tiny Wan models (CPU): exactness against the stock processors, plans, apply/remove."""
+import json
+
+import pytest
+import torch
+
+import sparse_vdit as sv
+from sparse_vdit.integration.tiny import plant_local_attention, tiny_wan_pipeline, tiny_wan_transformer
+
+
+def _inputs(B=2, frames=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 16, frames, size, size, generator=g)
+    e = torch.randn(B, 10, 64, generator=g)
+    return x, e
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_wan_transformer(num_layers=3)
+    plant_local_attention(m, [0, 1])
+    return m
+
+
+def _run(m, x, e, t=900):
+    with torch.no_grad():
+        return m(x, torch.full((x.shape[0],), t), e).sample
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_dense_plan_equals_stock(model):
+    x, e = _inputs()
+    ref = _run(model, x, e)
+    model.set_attn_processor(sv.SparseAttnProcessor(sv.SparsityPlan.dense(model)))
+    try:
+        out = _run(model, x, e)
+    finally:
+        sv.remove(model)
+    assert _rel(out, ref) <= 1e-5
+
+
+def test_covering_window_equals_dense_and_real_mask_differs(model):
+    x, e = _inputs()
+    ref = _run(model, x, e)
+    cover = sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [99, 99, 99]}, tile=(1, 4, 4))
+    proc = sv.apply(model, cover)
+    out = _run(model, x, e)
+    assert proc._bindings and next(iter(proc._bindings.values())).stats["sparse"] == 3
+    sv.remove(model)
+    assert _rel(out, ref) <= 1e-5
+    sparse = sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [1, 1, 1]}, tile=(1, 4, 4))
+    sv.apply(model, sparse)
+    out = _run(model, x, e)
+    sv.remove(model)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) > 1e-3
+
+
+def test_two_resolutions_in_a_row_and_remove_restores(model):
+    plan = sv.SparsityPlan.uniform(model, "radial", tile=(1, 4, 4))
+    x1, e1 = _inputs(B=1, frames=3, size=16)
+    x2, e2 = _inputs(B=2, frames=5, size=24)  # 12x12 tokens per frame: not a multiple of the tile
+    ref1, ref2 = _run(model, x1, e1), _run(model, x2, e2)
+    proc = sv.apply(model, plan)
+    o1, o2 = _run(model, x1, e1), _run(model, x2, e2)
+    layouts = {k[1] for k in proc._mask_cache}
+    assert {(lay.frames, lay.height, lay.width) for lay in layouts} == {(3, 8, 8), (5, 12, 12)}
+    assert torch.isfinite(o1).all() and torch.isfinite(o2).all()
+    sv.remove(model)
+    assert torch.equal(_run(model, x1, e1), ref1) and torch.equal(_run(model, x2, e2), ref2)
+    assert not any(isinstance(m.processor, sv.SparseAttnProcessor) for m in model.modules() if hasattr(m, "set_processor"))
+
+
+def test_sparse_path_matches_layout_reference(model):
+    """The processor's sparse output equals the model run with a reference attention restricted to
+    the same token pairs (float64 reference on the layer's q, k, v)."""
+    x, e = _inputs(B=1, frames=3, size=16)
+    plan = sv.SparsityPlan.uniform(model, "temporal", tile=(1, 4, 4))
+    proc = sv.apply(model, plan)
+    captured = {}
+    adapter = next(iter(proc._bindings.values())).adapter
+    real = adapter.sparse_forward
+
+    def spy(attn, attend, hidden_states, *a, **k):
+        def wrapped(q, kk, v):
+            o = attend(q, kk, v)
+            captured.setdefault("qkvo", (q, kk, v, o))
+            return o
+        return real(attn, wrapped, hidden_states, *a, **k)
+
+    adapter.sparse_forward = spy
+    try:
+        _run(model, x, e)
+    finally:
+        del adapter.sparse_forward
+        sv.remove(model)
+    q, k, v, o = (t.transpose(1, 2).double() for t in captured["qkvo"])
+    layout = sv.VideoLayout(3, 8, 8, (1, 4, 4))
+    blk = layout.block_of_token()
+    allowed = sv.masks.block_matrix("temporal", layout)[blk][:, blk]
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
+    assert (o - ref).abs().max() < 1e-5
+
+
+def test_dense_steps_follow_timesteps(model):
+    x, e = _inputs(B=1, frames=2, size=16)
+    plan = sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [1, 1, 1]}, tile=(1, 4, 4), dense_steps=2)
+    proc = sv.apply(model, plan)
+    b = next(iter(proc._bindings.values()))
+    seen = []
+    for t in (999, 999, 800, 600, 600, 400, 999):  # repeated t = CFG's second call; 999 again = new generation
+        before = b.stats["sparse"]
+        _run(model, x, e, t)
+        seen.append((b.step, b.stats["sparse"] > before))
+    sv.remove(model)
+    assert seen == [(0, False), (0, False), (1, False), (2, True), (2, True), (3, True), (0, False)]
+
+
+def test_fractional_dense_steps_need_the_step_count(model):
+    x, e = _inputs(B=1, frames=2, size=16)
+    plan = sv.SparsityPlan.uniform(model, "radial", tile=(1, 4, 4), dense_steps=0.2)
+    sv.apply(model, plan)
+    try:
+        with pytest.raises(ValueError, match="number of steps is unknown"):
+            _run(model, x, e)
+    finally:
+        sv.remove(model)
+
+
+def test_plan_json_round_trip_and_errors(model, tmp_path):
+    plan = sv.SparsityPlan.uniform(model, {"kind": "radial", "sinks": {"frames": [0]}}, dense_layers=[-1], dense_steps=0.25)
+    path = plan.save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and data["model"]["class"] == "WanTransformer3DModel"
+    again = sv.SparsityPlan.load(path)
+    assert again.to_dict() == plan.to_dict()
+    assert again.head(2, 0)["kind"] == "dense" and again.head(0, 3)["kind"] == "radial"
+    other = tiny_wan_transformer(num_layers=2)
+    with pytest.raises(ValueError, match=r"attention layers: plan 3, model 2"):
+        sv.apply(other, again)
+    wide = tiny_wan_transformer(num_layers=3, num_attention_heads=2, attention_head_dim=64)
+    with pytest.raises(ValueError, match=r"heads per layer: plan 4, model 2"):
+        sv.SparseAttnProcessor(again).bind(wide)
+    data["version"] = 99
+    (tmp_path / "v.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="version 99"):
+        sv.SparsityPlan.load(tmp_path / "v.json")
+    with pytest.raises(ValueError, match="dense_layers"):
+        sv.SparsityPlan.uniform(model, "radial", dense_layers=[7])
+    with pytest.raises(ValueError, match="unknown mask kind"):
+        sv.SparsityPlan.uniform(model, "diagonal")
+    with pytest.raises(ValueError, match="not a supported transformer"):
+        sv.SparsityPlan.uniform(torch.nn.Linear(2, 2), "radial")
+
+
+def test_whole_pipeline_with_plan():
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    e, ne = torch.randn(1, 8, 64), torch.randn(1, 8, 64)
+
+    def gen():
+        with torch.no_grad():
+            return pipe(prompt_embeds=e, negative_prompt_embeds=ne, height=128, width=128, num_frames=9,
+                        num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+                        output_type="pt").frames
+
+    dense = gen()
+    proc = sv.apply(pipe, sv.SparsityPlan.uniform(pipe.transformer, "sliding_tile", tile=(1, 4, 4), dense_steps=0.25))
+    sparse = gen()
+    stats = next(iter(proc._bindings.values())).stats
+    sv.remove(pipe)
+    assert torch.isfinite(sparse).all() and sparse.shape == dense.shape
+    assert stats["sparse"] == 4 * 3 * 2  # 4 layers x 3 sparse steps (1 of 4 dense) x 2 CFG calls
+    assert not torch.equal(sparse, dense)
+    assert torch.equal(gen(), dense)
