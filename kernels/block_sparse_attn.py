@@ -5,6 +5,8 @@ lists for it, with an online softmax accumulated in fp32 (FlashAttention-2 style
 
 Optionally the kernel reads and writes tokens through a ``token_order`` table: position ``p`` of
 the tiled sequence is token ``token_order[p]`` of the model's sequence, or padding when it is -1.
+Keys may use their own table ``kv_token_order`` (same length, same blocks): a token marked -1 there
+is not attended as a key (e.g. padded text tokens) while it is still computed as a query.
 This fuses the spatiotemporal tiling permutation into the loads and stores, so q, k and v are never
 copied into tiled order, and lets edge tiles that the grid does not fill be padded to whole blocks
 whose padding keys are never attended.
@@ -36,7 +38,7 @@ else:
 @triton.jit
 def _block_sparse_attn_fwd(
     q, k, v, o, lse,
-    kv_counts, kv_indices, token_order,
+    kv_counts, kv_indices, token_order, kv_token_order,
     sm_scale_log2,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -84,7 +86,7 @@ def _block_sparse_attn_fwd(
         i_kb = tl.load(p_idx + i_blk * stride_ik)
         o_kv = i_kb * BLOCK_N + o_n  # [BN]
         if HAS_ORDER:
-            i_kv = tl.load(token_order + o_kv)
+            i_kv = tl.load(kv_token_order + o_kv)
             m_kv = i_kv >= 0
             i_kv = tl.where(m_kv, i_kv, 0)
         else:
@@ -127,6 +129,7 @@ def block_sparse_attn_fwd(
     kv_counts: torch.Tensor,
     kv_indices: torch.Tensor,
     token_order: torch.Tensor | None,
+    kv_token_order: torch.Tensor | None,
     scale: float,
     q_block: int,
     kv_block: int,
@@ -135,7 +138,8 @@ def block_sparse_attn_fwd(
     """Launch the forward kernel. Inputs are validated by ``sparse_vdit.ops``.
 
     q, k, v: [B, H, N, D] (any strides); kv_counts: int32 [Bm, Hm, Mq]; kv_indices: int32
-    [Bm, Hm, Mq, K] with Bm in {1, B}, Hm in {1, H}; token_order: int32 [Mq * q_block] or None.
+    [Bm, Hm, Mq, K] with Bm in {1, B}, Hm in {1, H}; token_order: int32 [Mq * q_block] or None;
+    kv_token_order: int32, same length, or None (= token_order).
     Returns o: [B, H, N, D] in q's dtype and lse: fp32 [B, H, N].
     """
     B, H, N, D = q.shape
@@ -148,11 +152,12 @@ def block_sparse_attn_fwd(
     ih = kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0
     has_order = token_order is not None
     order_arg = token_order if has_order else kv_counts  # dummy pointer, never read
+    kv_order_arg = kv_token_order if kv_token_order is not None else order_arg
     block_d = max(16, triton.next_power_of_2(D))
     grid = (num_q_blocks, B * H)
     _block_sparse_attn_fwd[grid](
         q, k, v, o, lse,
-        kv_counts, kv_indices, order_arg,
+        kv_counts, kv_indices, order_arg, kv_order_arg,
         scale * 1.4426950408889634,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
         cb, ch, kv_counts.stride(2),

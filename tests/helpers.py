@@ -20,13 +20,13 @@ def max_err(a, b):
     return (a[finite] - b[finite]).abs().max().item() if finite.any() else 0.0
 
 
-def check_against_reference(o, lse, q, k, v, mask, token_order=None, scale=None):
+def check_against_reference(o, lse, q, k, v, mask, token_order=None, scale=None, kv_token_order=None):
     """Compare (o, lse) with the float64 reference. The tolerance is twice the error that torch's
     own attention makes in the same dtype against float64 (flash-attention's rule), with a floor at
     a few units of rounding of that dtype."""
-    ref_o, ref_lse = reference_attention(q.double(), k.double(), v.double(), mask,
-                                         scale=scale, token_order=token_order)
-    own_o, _ = reference_attention(q, k, v, mask, scale=scale, token_order=token_order)
+    ref_o, ref_lse = reference_attention(q.double(), k.double(), v.double(), mask, scale=scale,
+                                         token_order=token_order, kv_token_order=kv_token_order)
+    own_o, _ = reference_attention(q, k, v, mask, scale=scale, token_order=token_order, kv_token_order=kv_token_order)
     floor = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5}[q.dtype]
     tol = max(2 * max_err(own_o, ref_o), floor)
     assert not torch.isnan(o).any(), "output has NaN"

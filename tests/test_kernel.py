@@ -93,6 +93,25 @@ def test_token_order_with_padding(nan_empty, backend):
     check_against_reference(o, lse, q, k, v, mask, token_order=order)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["flex"])
+def test_kv_token_order_excludes_keys_only(nan_empty, backend):
+    """Tokens left out of kv_token_order are never keys but are still computed as queries (padded text)."""
+    B, H, N, D, block = 1, 2, 80, 64, 32
+    q, k, v = rand_qkv(B, H, N, D, torch.float32)
+    order = torch.cat([torch.arange(N), torch.full((96 - N,), -1)]).to(torch.int32)
+    kv_order = order.clone()
+    kv_order[70:80] = -1  # the last 10 tokens are not keys
+    mask = BlockSparseMask.from_dense(random_blocks(1, H, 3, 3, 0.7) | torch.eye(3, dtype=torch.bool), block)
+    o, lse = block_sparse_attention(q, k, v, mask, return_lse=True, backend=backend, token_order=order,
+                                    kv_token_order=kv_order)
+    check_against_reference(o, lse, q, k, v, mask, token_order=order, kv_token_order=kv_order)
+    # the excluded keys really do not matter: change them and nothing moves
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 70:], v2[:, :, 70:] = 100.0, -100.0
+    o2 = block_sparse_attention(q, k2, v2, mask, backend=backend, token_order=order, kv_token_order=kv_order)
+    assert torch.allclose(o, o2, atol=1e-5)
+
+
 def test_flex_agrees_on_same_mask():
     B, H, N, D, block = 2, 2, 200, 64, 32
     q, k, v = rand_qkv(B, H, N, D, torch.float32)

@@ -32,6 +32,7 @@ def _block_sparse_attn_fwd_op(
     kv_counts: torch.Tensor,
     kv_indices: torch.Tensor,
     token_order: torch.Tensor | None,
+    kv_token_order: torch.Tensor | None,
     scale: float,
     q_block: int,
     kv_block: int,
@@ -41,20 +42,36 @@ def _block_sparse_attn_fwd_op(
     if backend == "triton":
         from sparse_vdit.kernels import block_sparse_attn_fwd
 
-        return block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, token_order, scale,
+        return block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
                                      q_block, kv_block, num_q_blocks)
-    return torch_block_sparse_attention(q, k, v, kv_counts, kv_indices, token_order, scale,
+    return torch_block_sparse_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
                                         q_block, kv_block, num_q_blocks)
 
 
 @_block_sparse_attn_fwd_op.register_fake
-def _(q, k, v, kv_counts, kv_indices, token_order, scale, q_block, kv_block, num_q_blocks, backend):
+def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend):
     B, H, N, D = q.shape
     return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------- checks
-def _check_inputs(q, k, v, mask, token_order, backend):
+def _check_order(name, order, q, mask, N):
+    if not isinstance(order, torch.Tensor) or order.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of tiled positions")
+    if order.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {order.dtype}")
+    if order.device != q.device:
+        raise ValueError(f"{name} is on {order.device} but q is on {q.device}")
+    L = order.numel()
+    if L % mask.q_block or L % mask.kv_block:
+        raise ValueError(f"{name} length {L} must be a multiple of the block sizes ({mask.q_block}, {mask.kv_block})")
+    if not torch.compiler.is_compiling():
+        lo, hi = int(order.min()), int(order.max())
+        if lo < -1 or hi >= N:
+            raise ValueError(f"{name} values must lie in [-1, {N - 1}] (N={N}), got range [{lo}, {hi}]")
+
+
+def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -93,24 +110,18 @@ def _check_inputs(q, k, v, mask, token_order, backend):
                 "or set TRITON_INTERPRET=1 before importing triton"
             )
     if token_order is None:
+        if kv_token_order is not None:
+            raise ValueError("kv_token_order needs token_order (the query order) too")
         mask.check_seq_len(N)
         return
-    if not isinstance(token_order, torch.Tensor) or token_order.dim() != 1:
-        raise ValueError("token_order must be a 1-D int32 tensor of tiled positions")
-    if token_order.dtype != torch.int32:
-        raise TypeError(f"token_order must be int32, got {token_order.dtype}")
-    if token_order.device != q.device:
-        raise ValueError(f"token_order is on {token_order.device} but q is on {q.device}")
-    L = token_order.numel()
-    if L % mask.q_block or L % mask.kv_block:
-        raise ValueError(
-            f"token_order length {L} must be a multiple of the block sizes ({mask.q_block}, {mask.kv_block})"
-        )
-    mask.check_seq_len(N, padded_len=L)
-    if not torch.compiler.is_compiling():
-        lo, hi = int(token_order.min()), int(token_order.max())
-        if lo < -1 or hi >= N:
-            raise ValueError(f"token_order values must lie in [-1, {N - 1}] (N={N}), got range [{lo}, {hi}]")
+    _check_order("token_order", token_order, q, mask, N)
+    mask.check_seq_len(N, padded_len=token_order.numel())
+    if kv_token_order is not None:
+        _check_order("kv_token_order", kv_token_order, q, mask, N)
+        if kv_token_order.numel() != token_order.numel():
+            raise ValueError(
+                f"kv_token_order has {kv_token_order.numel()} positions but token_order has {token_order.numel()}"
+            )
 
 
 # ---------------------------------------------------------------------------- public API
@@ -123,6 +134,7 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     token_order: torch.Tensor | None = None,
+    kv_token_order: torch.Tensor | None = None,
     backend: str | None = None,
     check: bool = True,
 ):
@@ -138,6 +150,8 @@ def block_sparse_attention(
         token_order: optional int32 ``[L]``: tiled position ``p`` holds model token
             ``token_order[p]``, or padding when -1. The permutation is applied inside the kernel's
             loads and stores, so inputs and output stay in model order.
+        kv_token_order: optional int32 ``[L]`` for keys (default: ``token_order``): a token it marks
+            -1 is never attended as a key but still computed as a query (e.g. padded text tokens).
         backend: ``"triton"``, ``"torch"`` or ``"flex"``; default by device (see :func:`default_backend`).
         check: validate inputs (cheap except for a ``token_order`` range check that syncs).
 
@@ -147,14 +161,14 @@ def block_sparse_attention(
     """
     backend = backend or default_backend(q.device)
     if check:
-        _check_inputs(q, k, v, mask, token_order, backend)
+        _check_inputs(q, k, v, mask, token_order, kv_token_order, backend)
     D = q.shape[-1]
     scale = float(D ** -0.5) if scale is None else float(scale)
     if backend == "flex":
-        o, lse = _flex_attention(q, k, v, mask, scale, token_order)
+        o, lse = _flex_attention(q, k, v, mask, scale, token_order, kv_token_order)
     else:
         o, lse = _block_sparse_attn_fwd_op(
-            q, k, v, mask.kv_counts, mask.kv_indices, token_order, scale,
+            q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,
             mask.q_block, mask.kv_block, mask.num_q_blocks, backend,
         )
     return (o, lse) if return_lse else o
@@ -170,7 +184,7 @@ def _flex_call(flex_fn, q, k, v, block_mask, scale):
     return o, aux.lse
 
 
-def _flex_attention(q, k, v, mask, scale, token_order, flex_fn=None):
+def _flex_attention(q, k, v, mask, scale, token_order, kv_token_order=None, flex_fn=None):
     """FlexAttention on the same block mask (a baseline; permutes copies when token_order is set)."""
     import warnings
 
@@ -185,16 +199,17 @@ def _flex_attention(q, k, v, mask, scale, token_order, flex_fn=None):
     if token_order is not None:
         order = token_order.long()
         valid = order >= 0
+        kv_order = order if kv_token_order is None else kv_token_order.long()
+        key_ok = kv_order >= 0
         L = order.numel()
 
-        def tile(x):
+        def tile(x, order, valid):
             xt = x.new_zeros(B, H, L, D)
             xt[:, :, valid] = x[:, :, order[valid]]
             return xt
 
         # Padding keys must never be attended: fold them into the mask as blocks-with-holes via mask_mod.
         dense = mask.to_dense()
-        key_ok = valid
 
         def mask_mod(b, h, q_idx, kv_idx):
             bb = b if mask.batch > 1 else torch.zeros_like(b)
@@ -206,7 +221,8 @@ def _flex_attention(q, k, v, mask, scale, token_order, flex_fn=None):
         bm = create_block_mask(mask_mod, mask.batch if mask.batch > 1 else None,
                                mask.heads if mask.heads > 1 else None, L, L, device=q.device,
                                BLOCK_SIZE=(mask.q_block, mask.kv_block))
-        ot, lset = _flex_call(flex_fn, tile(q), tile(k), tile(v), bm, scale)
+        ot, lset = _flex_call(flex_fn, tile(q, order, valid), tile(k, kv_order, key_ok), tile(v, kv_order, key_ok),
+                              bm, scale)
         o = q.new_zeros(B, H, N, D)
         lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
         o[:, :, order[valid]] = ot[:, :, valid]

@@ -12,29 +12,38 @@ import torch
 from .mask import BlockSparseMask
 
 
-def token_mask(mask: BlockSparseMask, seq_len: int, token_order: torch.Tensor | None = None) -> torch.Tensor:
+def _tiled_position(order: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Position of each model token in the tiled sequence, -1 when the order leaves it out."""
+    order = order.long()
+    valid = order >= 0
+    where = torch.full((seq_len,), -1, dtype=torch.long, device=order.device)
+    where[order[valid]] = torch.arange(order.numel(), device=order.device)[valid]
+    return where
+
+
+def token_mask(
+    mask: BlockSparseMask,
+    seq_len: int,
+    token_order: torch.Tensor | None = None,
+    kv_token_order: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Token-level boolean mask ``[Bm, H, N, N]`` in model token order.
 
     Without ``token_order`` token ``t`` lies in block ``t // block``. With it, tiled position ``p``
     holds token ``token_order[p]`` (-1 = padding), so token ``token_order[p]`` lies in block
-    ``p // block``.
+    ``p // block``. Keys follow ``kv_token_order`` when given; a token it leaves out is never a key.
     """
     dense = mask.to_dense()
+    ar = torch.arange(seq_len, device=dense.device)
     if token_order is None:
-        q_blk = torch.arange(seq_len, device=dense.device) // mask.q_block
-        kv_blk = torch.arange(seq_len, device=dense.device) // mask.kv_block
+        q_pos, kv_pos = ar, ar
     else:
-        order = token_order.long().to(dense.device)
-        pos = torch.arange(order.numel(), device=dense.device)
-        valid = order >= 0
-        # position of each token in the tiled sequence
-        where = torch.full((seq_len,), -1, dtype=torch.long, device=dense.device)
-        where[order[valid]] = pos[valid]
-        if (where < 0).any():
+        q_pos = _tiled_position(token_order.to(dense.device), seq_len)
+        if (q_pos < 0).any():
             raise ValueError("token_order does not contain every token of the sequence")
-        q_blk = where // mask.q_block
-        kv_blk = where // mask.kv_block
-    return dense[:, :, q_blk][:, :, :, kv_blk]
+        kv_pos = q_pos if kv_token_order is None else _tiled_position(kv_token_order.to(dense.device), seq_len)
+    allowed = dense[:, :, q_pos // mask.q_block][:, :, :, kv_pos.clamp(min=0) // mask.kv_block]
+    return allowed & (kv_pos >= 0)
 
 
 def reference_attention(
@@ -44,6 +53,7 @@ def reference_attention(
     mask: BlockSparseMask,
     scale: float | None = None,
     token_order: torch.Tensor | None = None,
+    kv_token_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked softmax attention, in the inputs' dtype (use float64 for a reference).
 
@@ -52,7 +62,7 @@ def reference_attention(
     """
     B, H, N, D = q.shape
     scale = D ** -0.5 if scale is None else scale
-    allowed = token_mask(mask, N, token_order)  # [Bm, Hm, N, N]
+    allowed = token_mask(mask, N, token_order, kv_token_order)  # [Bm, Hm, N, N]
     s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
@@ -70,6 +80,7 @@ def torch_block_sparse_attention(
     kv_counts: torch.Tensor,
     kv_indices: torch.Tensor,
     token_order: torch.Tensor | None,
+    kv_token_order: torch.Tensor | None,
     scale: float,
     q_block: int,
     kv_block: int,
@@ -90,18 +101,21 @@ def torch_block_sparse_attention(
     valid_pos = order >= 0
     gather = order.clamp(min=0)
 
-    def tiled(x, pad_len):
-        xt = x.to(compute)[:, :, gather]  # [B, H, L, D]
+    kv_gather = gather if kv_token_order is None else kv_token_order.long().clamp(min=0)
+
+    def tiled(x, pad_len, idx):
+        xt = x.to(compute)[:, :, idx]  # [B, H, L, D]
         if pad_len > L:
             xt = torch.nn.functional.pad(xt, (0, 0, 0, pad_len - L))
         return xt
 
     # Key blocks span the tiled sequence; without a token order they may reach past the query blocks.
     Lk = L if token_order is not None else max(L, -(-N // kv_block) * kv_block)
-    qt = tiled(q, L).view(B, H, num_q_blocks, q_block, D)
-    kt = tiled(k, Lk)
-    vt = tiled(v, Lk)
-    key_valid = torch.nn.functional.pad(valid_pos, (0, Lk - L))
+    qt = tiled(q, L, gather).view(B, H, num_q_blocks, q_block, D)
+    kt = tiled(k, Lk, kv_gather)
+    vt = tiled(v, Lk, kv_gather)
+    key_order_valid = valid_pos if kv_token_order is None else kv_token_order >= 0
+    key_valid = torch.nn.functional.pad(key_order_valid, (0, Lk - L))
 
     Bm, Hm = kv_counts.shape[:2]
     K = kv_indices.shape[-1]
