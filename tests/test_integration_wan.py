@@ -177,3 +177,27 @@ def test_whole_pipeline_with_plan():
     assert stats["sparse"] == 4 * 3 * 2  # 4 layers x 3 sparse steps (1 of 4 dense) x 2 CFG calls
     assert not torch.equal(sparse, dense)
     assert torch.equal(gen(), dense)
+
+
+def test_set_attn_processor_binds_on_first_forward_called_by_keyword(model):
+    """Pipelines call the transformer with keyword arguments only: the processor binds during the
+    first forward (which runs dense, with a warning when the plan has no dense warm-up) and follows
+    the plan from the next forward on."""
+    x, e = _inputs(B=1, frames=2, size=16)
+    plan = sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [1, 1, 1]}, tile=(1, 4, 4))
+    proc = sv.SparseAttnProcessor(plan)
+    model.set_attn_processor(proc)
+
+    def fwd(t):
+        with torch.no_grad():
+            return model(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=e).sample
+
+    try:
+        with pytest.warns(UserWarning, match="first forward"):
+            first = fwd(900)
+        second = fwd(900)
+        stats = next(iter(proc._bindings.values())).stats
+    finally:
+        sv.remove(model)
+    assert stats["sparse"] == 3  # the second forward only
+    assert torch.allclose(first, fwd(900)) and not torch.allclose(second, first)

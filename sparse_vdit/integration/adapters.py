@@ -11,50 +11,67 @@ from typing import Any, Callable
 
 import torch
 
-# attend(q, k, v) -> o, all [B, N, H, D] (the layout diffusers processors use)
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend(q, k, v, key_valid=None) -> o, all [B, N, H, D] (the layout diffusers processors use);
+# key_valid: optional bool [B, N], False for keys no query may attend (padded text tokens).
+Attend = Callable[..., torch.Tensor]
+
+
+def _arg(args, kwargs, name: str, index: int):
+    """A forward argument given by keyword or position."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
 
 
 class ModelAdapter:
+    """What sparse_vdit needs to know about one diffusers transformer family."""
+
     family: str = ""
     model_classes: tuple[str, ...] = ()
     text_position: str = "after"
+    timestep_index: int = 1  # position of `timestep` in the transformer's forward
 
     def matches(self, model) -> bool:
         return type(model).__name__ in self.model_classes
 
     def attention_layers(self, model) -> list[tuple[str, Any]]:
+        """The sparse-eligible self-attention modules, in plan-layer order."""
         raise NotImplementedError
 
+    def processor_modules(self, model) -> list[tuple[str, Any]]:
+        """Every attention module that holds a processor (sparse-eligible or not)."""
+        return [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor")]
+
     def latent_grid(self, model, args, kwargs) -> tuple[int, int, int]:
-        """(frames, height, width) in tokens after patchify, from the transformer's forward inputs."""
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        """(frames, height, width) in tokens after patchify, from the transformer's forward inputs
+        ``hidden_states [B, C, F, H, W]`` and the config's patch sizes."""
+        hidden = _arg(args, kwargs, "hidden_states", 0)
         if hidden is None or hidden.dim() != 5:
             raise ValueError(f"{self.family}: expected hidden_states [B, C, F, H, W] as the first input")
-        cfg = model.config
+        pt, ph, pw = self.patch_sizes(model.config)
+        _, _, f, h, w = hidden.shape
+        return f // pt, h // ph, w // pw
+
+    @staticmethod
+    def patch_sizes(cfg) -> tuple[int, int, int]:
         p = cfg.patch_size
         if isinstance(p, (tuple, list)):
-            pt, ph, pw = p
-        else:
-            pt, ph, pw = getattr(cfg, "patch_size_t", None) or 1, p, p
-        _, _, f, h, w = hidden.shape
-        return (f + pt - 1) // pt if self.ceil_frames else f // pt, h // ph, w // pw
-
-    ceil_frames = False
+            return tuple(int(x) for x in p)
+        return int(getattr(cfg, "patch_size_t", None) or 1), int(p), int(p)
 
     def text_len(self, model, args, kwargs) -> int:
+        """Text tokens in the self-attention sequence (0 when text enters by cross-attention)."""
         return 0
 
     def timestep(self, args, kwargs):
-        t = kwargs.get("timestep")
-        if t is None and len(args) > 1:
-            t = args[1]
-        return t
+        return _arg(args, kwargs, "timestep", self.timestep_index)
 
     def stock_processor(self, attn):
+        """A fresh instance of the processor this family's module uses out of the box."""
         raise NotImplementedError
 
     def sparse_forward(self, attn, attend: Attend, hidden_states, *args, **kwargs):
+        """The stock processor's computation with ``attend`` as its attention core."""
         raise NotImplementedError
 
 
@@ -103,7 +120,263 @@ def _wan_rotary(x, freqs_cos, freqs_sin):
     return out.type_as(x)
 
 
-ADAPTERS: list[ModelAdapter] = [WanAdapter()]
+# ---------------------------------------------------------------------------- HunyuanVideo
+class HunyuanVideoAdapter(ModelAdapter):
+    """Dual-stream blocks (video + text with their own projections) then single-stream blocks
+    (video and text concatenated); text comes after the video tokens, padded text keys are masked."""
+
+    family = "hunyuan_video"
+    model_classes = ("HunyuanVideoTransformer3DModel",)
+    text_position = "after"
+
+    def attention_layers(self, model):
+        dual = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.transformer_blocks)]
+        single = [(f"single_transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.single_transformer_blocks)]
+        return dual + single
+
+    def text_len(self, model, args, kwargs):
+        enc = _arg(args, kwargs, "encoder_hidden_states", 2)
+        return int(enc.shape[1])
+
+    def stock_processor(self, attn):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+        # The token refiner's attention (no q/k norm) is a plain Attention with the default processor.
+        if attn.norm_q is not None:
+            return HunyuanVideoAttnProcessor2_0()
+        return AttnProcessor2_0()
+
+    def sparse_forward(self, attn, attend, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                       image_rotary_emb=None, **kwargs):
+        # Mirrors HunyuanVideoAttnProcessor2_0 with the joint (video + text) sequence.
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if encoder_hidden_states is None:
+            raise ValueError("sparse HunyuanVideo attention expects the text stream (encoder_hidden_states)")
+        text = encoder_hidden_states.shape[1]
+        single = attn.add_q_proj is None
+        if single:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            if single:
+                query = torch.cat([apply_rotary_emb(query[:, :-text], image_rotary_emb, sequence_dim=1),
+                                   query[:, -text:]], dim=1)
+                key = torch.cat([apply_rotary_emb(key[:, :-text], image_rotary_emb, sequence_dim=1),
+                                 key[:, -text:]], dim=1)
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if not single:
+            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query = torch.cat([query, eq], dim=1)
+            key = torch.cat([key, ek], dim=1)
+            value = torch.cat([value, ev], dim=1)
+        key_valid = None
+        if attention_mask is not None:  # [B, 1, 1, N] True = attend to this key
+            key_valid = attention_mask.reshape(attention_mask.shape[0], -1).bool()
+        out = attend(query, key, value, key_valid=key_valid)
+        out = out.flatten(2, 3).to(query.dtype)
+        out, enc_out = out[:, :-text], out[:, -text:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[0](out)
+            out = attn.to_out[1](out)
+        if getattr(attn, "to_add_out", None) is not None:
+            enc_out = attn.to_add_out(enc_out)
+        return out, enc_out
+
+
+# ---------------------------------------------------------------------------- CogVideoX
+class CogVideoXAdapter(ModelAdapter):
+    """Joint attention over text (first) and video; hidden_states come in as [B, F, C, H, W]."""
+
+    family = "cogvideox"
+    model_classes = ("CogVideoXTransformer3DModel",)
+    text_position = "before"
+    timestep_index = 2
+
+    def attention_layers(self, model):
+        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.transformer_blocks)]
+
+    def latent_grid(self, model, args, kwargs):
+        hidden = _arg(args, kwargs, "hidden_states", 0)
+        if hidden is None or hidden.dim() != 5:
+            raise ValueError("cogvideox: expected hidden_states [B, F, C, H, W] as the first input")
+        pt, ph, pw = self.patch_sizes(model.config)
+        _, f, _, h, w = hidden.shape
+        return f // pt, h // ph, w // pw
+
+    def text_len(self, model, args, kwargs):
+        enc = _arg(args, kwargs, "encoder_hidden_states", 1)
+        return int(enc.shape[1])
+
+    def stock_processor(self, attn):
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+        return CogVideoXAttnProcessor2_0()
+
+    def sparse_forward(self, attn, attend, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                       image_rotary_emb=None, **kwargs):
+        # Mirrors CogVideoXAttnProcessor2_0 (self-attention over [text, video]).
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attention_mask is not None:
+            raise ValueError("sparse CogVideoX attention does not take an attention_mask")
+        text = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        B = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(B, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(B, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(B, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, text:] = apply_rotary_emb(query[:, :, text:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text:] = apply_rotary_emb(key[:, :, text:], image_rotary_emb)
+        out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        out = out.reshape(B, -1, attn.heads * head_dim)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        enc_out, out = out.split([text, out.size(1) - text], dim=1)
+        return out, enc_out
+
+
+# ---------------------------------------------------------------------------- LTX-Video
+class LTXVideoAdapter(ModelAdapter):
+    """Self-attention (attn1) over video tokens only; text enters by cross-attention (attn2).
+    hidden_states arrive packed [B, N, C] with the latent num_frames / height / width as arguments."""
+
+    family = "ltx_video"
+    model_classes = ("LTXVideoTransformer3DModel",)
+    timestep_index = 2
+
+    def attention_layers(self, model):
+        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.transformer_blocks)]
+
+    def latent_grid(self, model, args, kwargs):
+        f, h, w = (_arg(args, kwargs, n, i) for n, i in (("num_frames", 4), ("height", 5), ("width", 6)))
+        if f is None or h is None or w is None:
+            raise ValueError("ltx_video: the transformer call needs num_frames, height and width")
+        pt, ph, pw = self.patch_sizes(model.config)
+        return int(f) // pt, int(h) // ph, int(w) // pw
+
+    def stock_processor(self, attn):
+        from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
+
+        return LTXVideoAttnProcessor()
+
+    def sparse_forward(self, attn, attend, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                       image_rotary_emb=None, **kwargs):
+        # Mirrors LTXVideoAttnProcessor for self-attention.
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("sparse LTX-Video attention handles self-attention without an attention mask only")
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        out = attend(query, key, value).flatten(2, 3).to(query.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+# ---------------------------------------------------------------------------- Mochi
+class MochiAdapter(ModelAdapter):
+    """Joint attention over video and (after it) the valid prompt tokens. MochiAttention has no
+    ``set_processor``: :func:`sparse_vdit.apply` sets its ``processor`` attribute."""
+
+    family = "mochi"
+    model_classes = ("MochiTransformer3DModel",)
+    text_position = "after"
+    timestep_index = 2
+
+    def attention_layers(self, model):
+        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.transformer_blocks)]
+
+    def processor_modules(self, model):
+        return self.attention_layers(model)
+
+    def text_len(self, model, args, kwargs):
+        enc = _arg(args, kwargs, "encoder_hidden_states", 1)
+        return int(enc.shape[1])
+
+    def stock_processor(self, attn):
+        from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+        return MochiAttnProcessor2_0()
+
+    def sparse_forward(self, attn, attend, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                       image_rotary_emb=None, **kwargs):
+        # Mirrors MochiAttnProcessor2_0. The stock processor drops padded prompt tokens and pads the
+        # output with zeros; here they stay in place, are never keys, and their output rows are zeroed.
+        def heads(x):
+            return x.unflatten(2, (attn.heads, -1))
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        eq = heads(attn.add_q_proj(encoder_hidden_states))
+        ek = heads(attn.add_k_proj(encoder_hidden_states))
+        ev = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        if image_rotary_emb is not None:
+            query = _mochi_rotary(query, *image_rotary_emb)
+            key = _mochi_rotary(key, *image_rotary_emb)
+        n_video = query.shape[1]
+        text_valid = attention_mask.bool()  # [B, T]
+        if not bool((text_valid.int().diff(dim=1) <= 0).all()):
+            raise ValueError("Mochi prompt masks must mark a prefix of the prompt tokens as valid")
+        key_valid = torch.cat([text_valid.new_ones(text_valid.shape[0], n_video), text_valid], dim=1)
+        out = attend(torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1), key_valid=key_valid)
+        out = out.masked_fill(~key_valid[:, :, None, None], 0.0).flatten(2, 3)
+        out, enc_out = out.split_with_sizes((n_video, out.shape[1] - n_video), dim=1)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if hasattr(attn, "to_add_out"):
+            enc_out = attn.to_add_out(enc_out)
+        return out, enc_out
+
+
+def _mochi_rotary(x, freqs_cos, freqs_sin):
+    x_even = x[..., 0::2].float()
+    x_odd = x[..., 1::2].float()
+    cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
+    sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
+    return torch.stack([cos, sin], dim=-1).flatten(-2)
+
+
+ADAPTERS: list[ModelAdapter] = [WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter(), LTXVideoAdapter(), MochiAdapter()]
 
 
 def adapter_for(model) -> ModelAdapter:

@@ -36,19 +36,19 @@ def apply(pipe_or_transformer, plan, backend: str | None = None):
     for transformer, p, scheduler in _transformers(pipe_or_transformer, plan):
         if not isinstance(p, SparsityPlan):
             raise TypeError(f"plan must be a SparsityPlan, got {type(p).__name__}")
-        adapter_for(transformer)  # a clear error for unsupported models
+        adapter = adapter_for(transformer)  # a clear error for unsupported models
         p.check_model(transformer)
+        modules = adapter.processor_modules(transformer)
         if not hasattr(transformer, "_sparse_vdit_original"):
             # A SparseAttnProcessor set earlier by hand is not an original: remember the stock one.
             transformer._sparse_vdit_original = {
-                name: m.processor if not isinstance(m.processor, SparseAttnProcessor) else adapter_for(transformer).stock_processor(m)
-                for name, m in transformer.named_modules() if hasattr(m, "set_processor")
+                name: m.processor if not isinstance(m.processor, SparseAttnProcessor) else adapter.stock_processor(m)
+                for name, m in modules
             }
         proc = SparseAttnProcessor(p, backend=backend)
-        for _, m in transformer.named_modules():
-            if hasattr(m, "set_processor"):
-                m.set_processor(proc)
         proc.bind(transformer, scheduler=scheduler)
+        for _, m in modules:
+            _set_processor(m, proc)
         procs[transformer] = proc
     values = list(procs.values())
     return values[0] if len(values) == 1 else values
@@ -63,13 +63,19 @@ def remove(pipe_or_transformer) -> None:
     for t in transformers:
         original = getattr(t, "_sparse_vdit_original", None)
         adapter = adapter_for(t)
-        for name, m in t.named_modules():
-            if not hasattr(m, "set_processor"):
-                continue
+        for name, m in adapter.processor_modules(t):
             proc = m.processor
             if isinstance(proc, SparseAttnProcessor):
                 proc.unbind(t)
                 restored = original.get(name) if original else None
-                m.set_processor(restored if restored is not None else adapter.stock_processor(m))
+                _set_processor(m, restored if restored is not None else adapter.stock_processor(m))
         if original is not None:
             del t._sparse_vdit_original
+
+
+def _set_processor(module, processor) -> None:
+    # MochiAttention has no set_processor; its forward calls self.processor.
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor

@@ -10,6 +10,7 @@ cross-attention) or the family's forward with block-sparse attention in the core
 from __future__ import annotations
 
 import json
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class _Binding:
     last_t: float | None = None
     scheduler: Any = None  # a pipeline's scheduler, to know the number of steps
     calls: int = 0
+    warned_first_forward: bool = False
     stats: dict[str, int] = field(default_factory=lambda: {"sparse": 0, "dense": 0})
 
 
@@ -72,7 +74,10 @@ class SparseAttnProcessor:
         adapter = adapter_for(transformer)
         self.plan.check_model(transformer)
         layers = adapter.attention_layers(transformer)
-        binding = _Binding(adapter, {id(m): i for i, (_, m) in enumerate(layers)}, {}, scheduler=scheduler)
+        # The processors in place now are the stock ones, unless this processor already replaced them.
+        stock = {id(m): m.processor for _, m in adapter.processor_modules(transformer)
+                 if getattr(m, "processor", None) is not None and not isinstance(m.processor, SparseAttnProcessor)}
+        binding = _Binding(adapter, {id(m): i for i, (_, m) in enumerate(layers)}, stock, scheduler=scheduler)
         ref = weakref.ref(self)
 
         def pre_hook(module, args, kwargs):
@@ -82,9 +87,8 @@ class SparseAttnProcessor:
 
         binding.hook = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
         self._bindings[key] = binding
-        for _, m in transformer.named_modules():
-            if hasattr(m, "set_processor"):
-                self._module_binding[id(m)] = binding
+        for _, m in adapter.processor_modules(transformer):
+            self._module_binding[id(m)] = binding
         self._drop_global_hook()
 
     def unbind(self, transformer) -> None:
@@ -107,9 +111,10 @@ class SparseAttnProcessor:
             return None
         layers = adapter.attention_layers(module)
         if layers and getattr(layers[0][1], "processor", None) is self:
+            # A global hook sees no keyword arguments (pipelines pass them all by keyword), so this
+            # forward's grid is unknown: it runs dense (see __call__), later ones follow the plan.
             self.bind(module)
-            binding = self._bindings[id(module)]
-            self._on_forward(binding, module, args, {})
+            self._bindings[id(module)].layout = None
         return None
 
     def __del__(self):
@@ -163,7 +168,14 @@ class SparseAttnProcessor:
         return mask
 
     # ------------------------------------------------------------------ the processor call
-    def __call__(self, attn, hidden_states, *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, *args, rotary_emb=None, **kwargs):
+        # The parameters are named because diffusers' Attention drops keyword arguments a processor's
+        # signature does not list. Every supported stock processor takes (attn, hidden_states,
+        # encoder_hidden_states, attention_mask, <rotary embedding>), the last named rotary_emb
+        # (Wan) or image_rotary_emb (the others): both are passed on positionally.
+        rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
+        call_args = (hidden_states, encoder_hidden_states, attention_mask, rotary, *args)
         binding = self._module_binding.get(id(attn))
         if binding is None:
             raise RuntimeError(
@@ -171,6 +183,9 @@ class SparseAttnProcessor:
                 "forward (or call sparse_vdit.apply(pipe, plan))"
             )
         layer = binding.layer_of.get(id(attn))
+        if layer is not None and binding.layout is None:
+            self._warn_unbound_first_forward(binding)
+            layer = None
         if layer is not None and not self._layer_dense_now(binding, layer):
             binding.stats["sparse"] += 1
             layout = binding.layout
@@ -178,25 +193,57 @@ class SparseAttnProcessor:
             order = layout.token_order(hidden_states.device)
             backend = self.backend or default_backend(hidden_states.device)
 
-            def attend(q, k, v):
-                # [B, N, H, D] -> [B, H, N, D] views: the kernel reads any strides, no copy.
+            def attend(q, k, v, key_valid=None):
                 if q.shape[1] != layout.seq_len:
                     raise ValueError(
                         f"attention sequence has {q.shape[1]} tokens but the latent grid gives {layout.seq_len} "
                         f"({layout.describe()})"
                     )
-                o = block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
-                                           token_order=order, backend=backend, check=False)
-                return o.transpose(1, 2)
+                return _attend(q, k, v, mask, order, backend, key_valid)
 
-            return binding.adapter.sparse_forward(attn, attend, hidden_states, *args, **kwargs)
+            return binding.adapter.sparse_forward(attn, attend, *call_args, **kwargs)
         binding.stats["dense"] += 1
         stock = binding.stock.get(id(attn))
         if stock is None:
             stock = binding.stock[id(attn)] = binding.adapter.stock_processor(attn)
-        return stock(attn, hidden_states, *args, **kwargs)
+        return stock(attn, *call_args, **kwargs)
+
+    def _warn_unbound_first_forward(self, binding: _Binding) -> None:
+        if binding.warned_first_forward:
+            return
+        binding.warned_first_forward = True
+        try:
+            warm_up = self.plan.dense_step_count(self._num_steps(binding)) > 0
+        except ValueError:
+            warm_up = False
+        if not warm_up and not all(self._layer_dense):
+            warnings.warn(
+                "SparseAttnProcessor bound to the transformer during its first forward, which therefore ran "
+                "dense; later forwards follow the plan. Use sparse_vdit.apply(pipe, plan) to bind up front.",
+                stacklevel=3,
+            )
 
     def _layer_dense_now(self, binding: _Binding, layer: int) -> bool:
         if self._layer_dense[layer]:
             return True
         return binding.step < self.plan.dense_step_count(self._num_steps(binding))
+
+
+def _attend(q, k, v, mask, order, backend, key_valid=None):
+    """Block-sparse attention on [B, N, H, D] tensors in model order (views, no copies).
+
+    ``key_valid`` (bool [B, N]) marks keys that may be attended; each batch element whose keys are
+    not all valid gets a key order of its own with the others left out.
+    """
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if key_valid is None or bool(key_valid.all()):
+        o = block_sparse_attention(qh, kh, vh, mask, token_order=order, backend=backend, check=False)
+        return o.transpose(1, 2)
+    outs = []
+    real = order >= 0
+    safe = order.clamp(min=0).long()
+    for b in range(q.shape[0]):
+        kv_order = torch.where(real & key_valid[b][safe], order, torch.full_like(order, -1))
+        outs.append(block_sparse_attention(qh[b:b + 1], kh[b:b + 1], vh[b:b + 1], mask, token_order=order,
+                                           kv_token_order=kv_order, backend=backend, check=False))
+    return torch.cat(outs).transpose(1, 2)
