@@ -34,3 +34,16 @@ def test_bench_kernel_smoke_on_cpu(tmp_path, monkeypatch):
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "sparse_vdit.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_bench_e2e_tiny_smoke(tmp_path):
+    """The end-to-end benchmark harness runs on a tiny model (CPU timings are not performance)."""
+    import json
+
+    from sparse_vdit.cli import _benchmarks_module
+
+    bench = _benchmarks_module("bench_e2e")
+    out = bench.main(["--tiny", "--reps", "1", "--steps", "10", "--out", str(tmp_path / "e2e.json")])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["model"] == "tiny-wan" and 0 < rows[0]["avg_density"] <= 1
+    assert rows[0]["dense_layers"] == [1] and rows[0]["schedule_dense_warmup"] == 2

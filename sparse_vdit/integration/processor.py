@@ -2,10 +2,11 @@
 
 A forward pre-hook on the transformer learns, per call, the latent grid (hence the
 :class:`VideoLayout`) and the denoising step (from timestep changes: a repeated timestep is the
-same step, e.g. the unconditional half of CFG; a larger one starts a new generation). The
-processor looks up its attention module's layer, asks the plan for that layer's specs, and either
-runs the stock processor (dense layer / dense step / attention it does not handle, such as
-cross-attention) or the family's forward with block-sparse attention in the core.
+same step, e.g. the unconditional half of CFG; a larger one starts a new generation). It then
+resolves, for every attention module, what this forward does there, into a small slot on the
+module: the layer's :class:`BlockSparseMask` and token order when the layer runs sparse, nothing when
+it runs dense. The processor call only reads that slot, so it holds no per-layer Python state:
+one instance serves every layer, and ``torch.compile`` of a block sees tensors, not layer numbers.
 """
 from __future__ import annotations
 
@@ -18,18 +19,31 @@ from typing import Any
 import torch
 
 from ..masks import VideoLayout, build
-from ..ops import block_sparse_attention, default_backend
+from ..ops import BlockSparseMask, block_sparse_attention, default_backend
 from ..plan import SparsityPlan
 from .adapters import ModelAdapter, adapter_for
 
+_SLOT = "_sparse_vdit_slot"
 
-@dataclass
+
+@dataclass(eq=False)
+class _Slot:
+    """Per attention module: its stock processor, and what the current forward does there."""
+
+    stock: Any
+    adapter: ModelAdapter
+    layer: int | None  # plan layer, None for attention the plan does not cover (cross-attention)
+    mask: BlockSparseMask | None = None  # set per forward; None = run the stock processor
+    order: torch.Tensor | None = None
+    seq_len: int = 0
+
+
+@dataclass(eq=False)
 class _Binding:
     """What the processor knows about one transformer it serves."""
 
     adapter: ModelAdapter
-    layer_of: dict[int, int]  # id(attention module) -> plan layer
-    stock: dict[int, Any]  # id(attention module) -> stock processor for that module
+    slots: list[_Slot]
     hook: Any = None
     layout: VideoLayout | None = None
     step: int = 0
@@ -55,16 +69,15 @@ class SparseAttnProcessor:
         self.backend = backend
         self.num_inference_steps: int | None = None
         self._bindings: dict[int, _Binding] = {}  # id(transformer) -> binding
-        self._module_binding: dict[int, _Binding] = {}  # id(attention module) -> binding
-        self._mask_cache: dict[tuple, Any] = {}
+        self._mask_cache: dict[tuple, BlockSparseMask] = {}
         self._layer_keys = [json.dumps(plan.layer_specs(i), sort_keys=True) for i in range(plan.num_layers)]
         self._layer_dense = [plan.layer_is_dense(i) for i in range(plan.num_layers)]
         self._global_hook = torch.nn.modules.module.register_module_forward_pre_hook(self._discover)
 
     # ------------------------------------------------------------------ binding to a transformer
     def bind(self, transformer, scheduler=None) -> None:
-        """Attach to ``transformer``: check the plan fits, map its attention modules to plan layers
-        and install the pre-hook. Done by :func:`sparse_vdit.apply`, or on the first forward after
+        """Attach to ``transformer``: check the plan fits, give each attention module its slot and
+        install the pre-hook. Done by :func:`sparse_vdit.apply`, or during the first forward after
         ``set_attn_processor``."""
         key = id(transformer)
         if key in self._bindings:
@@ -73,11 +86,17 @@ class SparseAttnProcessor:
             return
         adapter = adapter_for(transformer)
         self.plan.check_model(transformer)
-        layers = adapter.attention_layers(transformer)
-        # The processors in place now are the stock ones, unless this processor already replaced them.
-        stock = {id(m): m.processor for _, m in adapter.processor_modules(transformer)
-                 if getattr(m, "processor", None) is not None and not isinstance(m.processor, SparseAttnProcessor)}
-        binding = _Binding(adapter, {id(m): i for i, (_, m) in enumerate(layers)}, stock, scheduler=scheduler)
+        layer_of = {id(m): i for i, (_, m) in enumerate(adapter.attention_layers(transformer))}
+        slots = []
+        for _, m in adapter.processor_modules(transformer):
+            # The processor in place now is the stock one, unless this processor already replaced it.
+            current = getattr(m, "processor", None)
+            stock = current if current is not None and not isinstance(current, SparseAttnProcessor) \
+                else adapter.stock_processor(m)
+            slot = _Slot(stock=stock, adapter=adapter, layer=layer_of.get(id(m)))
+            object.__setattr__(m, _SLOT, slot)  # a plain attribute, not a submodule
+            slots.append(slot)
+        binding = _Binding(adapter, slots, scheduler=scheduler)
         ref = weakref.ref(self)
 
         def pre_hook(module, args, kwargs):
@@ -87,15 +106,17 @@ class SparseAttnProcessor:
 
         binding.hook = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
         self._bindings[key] = binding
-        for _, m in adapter.processor_modules(transformer):
-            self._module_binding[id(m)] = binding
         self._drop_global_hook()
 
     def unbind(self, transformer) -> None:
         binding = self._bindings.pop(id(transformer), None)
-        if binding is not None and binding.hook is not None:
+        if binding is None:
+            return
+        if binding.hook is not None:
             binding.hook.remove()
-        self._module_binding = {k: b for k, b in self._module_binding.items() if b is not binding}
+        for _, m in binding.adapter.processor_modules(transformer):
+            if hasattr(m, _SLOT):
+                object.__delattr__(m, _SLOT)
 
     def _drop_global_hook(self):
         if self._global_hook is not None:
@@ -112,9 +133,9 @@ class SparseAttnProcessor:
         layers = adapter.attention_layers(module)
         if layers and getattr(layers[0][1], "processor", None) is self:
             # A global hook sees no keyword arguments (pipelines pass them all by keyword), so this
-            # forward's grid is unknown: it runs dense (see __call__), later ones follow the plan.
+            # forward's grid is unknown: it runs dense, later forwards follow the plan.
             self.bind(module)
-            self._bindings[id(module)].layout = None
+            self._warn_first_forward_dense(self._bindings[id(module)])
         return None
 
     def __del__(self):
@@ -132,7 +153,7 @@ class SparseAttnProcessor:
         for b in self._bindings.values():
             b.step, b.last_t = 0, None
 
-    # ------------------------------------------------------------------ per forward
+    # ------------------------------------------------------------------ per forward (outside compiled code)
     def _on_forward(self, binding: _Binding, model, args, kwargs):
         frames, height, width = binding.adapter.latent_grid(model, args, kwargs)
         text_len = binding.adapter.text_len(model, args, kwargs)
@@ -149,6 +170,34 @@ class SparseAttnProcessor:
                 binding.step += 1
             binding.last_t = t
         binding.calls += 1
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+        warm_up = binding.step < self.plan.dense_step_count(self._num_steps(binding))
+        order = binding.layout.token_order(device)
+        for slot in binding.slots:
+            sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
+            slot.mask = self.mask_for(slot.layer, binding.layout, device) if sparse else None
+            slot.order = order if sparse else None
+            slot.seq_len = binding.layout.seq_len
+            if slot.layer is not None:
+                binding.stats["sparse" if sparse else "dense"] += 1
+
+    def _warn_first_forward_dense(self, binding: _Binding) -> None:
+        for slot in binding.slots:
+            slot.mask = None
+        if binding.warned_first_forward or all(self._layer_dense):
+            return
+        binding.warned_first_forward = True
+        try:
+            warm_up = self.plan.dense_step_count(self._num_steps(binding)) > 0
+        except ValueError:
+            warm_up = False
+        if not warm_up:
+            warnings.warn(
+                "SparseAttnProcessor bound to the transformer during its first forward, which therefore ran "
+                "dense; later forwards follow the plan. Use sparse_vdit.apply(pipe, plan) to bind up front.",
+                stacklevel=3,
+            )
 
     def _num_steps(self, binding: _Binding) -> int | None:
         if self.num_inference_steps is not None:
@@ -158,8 +207,8 @@ class SparseAttnProcessor:
             return len(sched.timesteps)
         return None
 
-    def mask_for(self, layer: int, layout: VideoLayout, device) -> Any:
-        """The layer's BlockSparseMask on ``layout`` (built once, then cached)."""
+    def mask_for(self, layer: int, layout: VideoLayout, device) -> BlockSparseMask:
+        """The layer's BlockSparseMask on ``layout`` (built once per layout and spec set, then cached)."""
         key = (self._layer_keys[layer], layout, str(device))
         mask = self._mask_cache.get(key)
         if mask is None:
@@ -176,67 +225,33 @@ class SparseAttnProcessor:
         # (Wan) or image_rotary_emb (the others): both are passed on positionally.
         rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
         call_args = (hidden_states, encoder_hidden_states, attention_mask, rotary, *args)
-        binding = self._module_binding.get(id(attn))
-        if binding is None:
+        slot = getattr(attn, _SLOT, None)
+        if slot is None:
             raise RuntimeError(
                 "SparseAttnProcessor is not bound to this model: it binds on the transformer's first "
                 "forward (or call sparse_vdit.apply(pipe, plan))"
             )
-        layer = binding.layer_of.get(id(attn))
-        if layer is not None and binding.layout is None:
-            self._warn_unbound_first_forward(binding)
-            layer = None
-        if layer is not None and not self._layer_dense_now(binding, layer):
-            binding.stats["sparse"] += 1
-            layout = binding.layout
-            mask = self.mask_for(layer, layout, hidden_states.device)
-            order = layout.token_order(hidden_states.device)
-            backend = self.backend or default_backend(hidden_states.device)
+        if slot.mask is None:
+            return slot.stock(attn, *call_args, **kwargs)
+        mask, order, seq_len = slot.mask, slot.order, slot.seq_len
+        backend = self.backend or default_backend(hidden_states.device)
 
-            def attend(q, k, v, key_valid=None):
-                if q.shape[1] != layout.seq_len:
-                    raise ValueError(
-                        f"attention sequence has {q.shape[1]} tokens but the latent grid gives {layout.seq_len} "
-                        f"({layout.describe()})"
-                    )
-                return _attend(q, k, v, mask, order, backend, key_valid)
+        def attend(q, k, v, key_valid=None):
+            if q.shape[1] != seq_len:
+                raise ValueError(f"attention sequence has {q.shape[1]} tokens but the latent grid gives {seq_len}")
+            return _attend(q, k, v, mask, order, backend, key_valid)
 
-            return binding.adapter.sparse_forward(attn, attend, *call_args, **kwargs)
-        binding.stats["dense"] += 1
-        stock = binding.stock.get(id(attn))
-        if stock is None:
-            stock = binding.stock[id(attn)] = binding.adapter.stock_processor(attn)
-        return stock(attn, *call_args, **kwargs)
-
-    def _warn_unbound_first_forward(self, binding: _Binding) -> None:
-        if binding.warned_first_forward:
-            return
-        binding.warned_first_forward = True
-        try:
-            warm_up = self.plan.dense_step_count(self._num_steps(binding)) > 0
-        except ValueError:
-            warm_up = False
-        if not warm_up and not all(self._layer_dense):
-            warnings.warn(
-                "SparseAttnProcessor bound to the transformer during its first forward, which therefore ran "
-                "dense; later forwards follow the plan. Use sparse_vdit.apply(pipe, plan) to bind up front.",
-                stacklevel=3,
-            )
-
-    def _layer_dense_now(self, binding: _Binding, layer: int) -> bool:
-        if self._layer_dense[layer]:
-            return True
-        return binding.step < self.plan.dense_step_count(self._num_steps(binding))
+        return slot.adapter.sparse_forward(attn, attend, *call_args, **kwargs)
 
 
 def _attend(q, k, v, mask, order, backend, key_valid=None):
     """Block-sparse attention on [B, N, H, D] tensors in model order (views, no copies).
 
-    ``key_valid`` (bool [B, N]) marks keys that may be attended; each batch element whose keys are
-    not all valid gets a key order of its own with the others left out.
+    ``key_valid`` (bool [B, N]) marks keys that may be attended: each batch element then gets a key
+    order of its own that leaves the others out (no data-dependent branch, so it compiles).
     """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if key_valid is None or bool(key_valid.all()):
+    if key_valid is None:
         o = block_sparse_attention(qh, kh, vh, mask, token_order=order, backend=backend, check=False)
         return o.transpose(1, 2)
     outs = []
