@@ -30,6 +30,7 @@ _alias_source_kernels()
 
 from . import masks, ops, plan, viz  # noqa: E402
 from .integration import SparseAttnProcessor, apply, remove  # noqa: E402
+from .calibration import calibrate  # noqa: E402
 from .masks import VideoLayout  # noqa: E402
 from .plan import SparsityPlan  # noqa: E402
 from .ops import BlockSparseMask, block_sparse_attention, reference_attention  # noqa: E402
@@ -42,6 +43,7 @@ __all__ = [
     "SparsityPlan",
     "VideoLayout",
     "apply",
+    "calibrate",
     "block_sparse_attention",
     "masks",
     "ops",

@@ -1,0 +1,278 @@
+"""``calibrate``: decide per head which mask survives, from the output error it causes.
+
+The model runs dense. At sampled denoising steps, every sparse-eligible attention call also
+computes, from its own q, k and v, the relative error of each candidate mask (and of its sink-aware
+variant) against the dense output, per head, plus block-level attention-mass statistics. A head
+gets the sparsest candidate whose worst error over prompts and the steps after the warm-up stays
+within the budget, else it stays dense; the warm-up length is the one that minimizes the expected
+attention cost. Partial measurements are saved after each prompt, so a run can stop and resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..masks import VideoLayout, build, normalize_spec, spec_name
+from ..ops import default_backend
+from ..plan import SparsityPlan, model_fingerprint
+from ..integration.adapters import adapter_for
+from ..integration.processor import SparseAttnProcessor
+from .measure import block_mass, dense_attention, head_errors, mass_inside, sink_frames
+
+DEFAULT_CANDIDATES = ("sliding_tile", "radial", "spatial", "temporal")
+WARMUP_CHOICES = (0.0, 0.1, 0.2, 0.3)
+
+
+class _Measurer(SparseAttnProcessor):
+    """Runs every attention call dense; at sampled steps also measures the candidates."""
+
+    def __init__(self, plan: SparsityPlan, candidates: list[dict], sample_steps: set[int], backend, sink_factor):
+        super().__init__(plan, backend=backend)
+        self.candidates = candidates
+        self.sample_steps = sample_steps
+        self.sink_factor = sink_factor
+        self.records: list[dict] = []  # one per (sampled call, layer)
+        self.step_now = -1
+        self.layout_now: VideoLayout | None = None
+        self._cand_masks: dict[tuple, list] = {}
+
+    def _on_forward(self, binding, model, args, kwargs):
+        super()._on_forward(binding, model, args, kwargs)
+        self.step_now = binding.step
+        self.layout_now = binding.layout
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, *args, rotary_emb=None, **kwargs):
+        slot = getattr(attn, "_sparse_vdit_slot")
+        if slot.layer is None or self.step_now not in self.sample_steps or self.layout_now is None:
+            rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
+            return slot.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary, *args, **kwargs)
+        layer, layout, step = slot.layer, self.layout_now, self.step_now
+        backend = self.backend or default_backend(hidden_states.device)
+
+        def attend(q, k, v, key_valid=None):
+            o = dense_attention(q, k, v, key_valid)
+            self._measure(layer, step, layout, q, k, v, o, key_valid, backend)
+            return o
+
+        rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
+        return slot.adapter.sparse_forward(attn, attend, hidden_states, encoder_hidden_states, attention_mask,
+                                           rotary, *args, **kwargs)
+
+    @torch.no_grad()
+    def _measure(self, layer, step, layout, q, k, v, o, key_valid, backend):
+        device = q.device
+        heads = q.shape[2]
+        mass = block_mass(q, k, layout, key_valid)
+        sinks = sink_frames(mass, layout, self.sink_factor)
+        key = (layout, str(device))
+        if key not in self._cand_masks:
+            self._cand_masks[key] = [build(c, layout, heads=heads, device=device) for c in self.candidates]
+        masks = list(self._cand_masks[key])
+        # Sink-aware variants: the same candidates with each head's own sink frames always visited.
+        sink_specs = [[{**c, "sinks": {"frames": sinks[h]}} if sinks[h] else c for h in range(heads)]
+                      for c in self.candidates]
+        sink_masks = [build(s, layout, device=device) for s in sink_specs]
+        order = layout.token_order(device)
+        errors = head_errors(q, k, v, o, masks + sink_masks, order, backend, key_valid)  # [2C, H]
+        inside = torch.stack([mass_inside(mass, m) for m in masks + sink_masks])  # [2C, H]
+        received = mass.mean(dim=1)  # [H, Mk]
+        top = received.topk(max(1, received.shape[1] // 100), dim=-1).values.sum(-1) / received.sum(-1).clamp(min=1e-12)
+        self.records.append({
+            "layer": layer, "step": step,
+            "errors": errors.cpu().tolist(), "mass_inside": inside.cpu().tolist(),
+            "sink_frames": sinks, "top1pct_key_mass": top.cpu().tolist(),
+            "densities": [m.head_density().tolist() for m in masks + sink_masks],
+        })
+
+
+def _sample_steps(num_steps: int, sample: Sequence[float] | None) -> list[int]:
+    fractions = sample if sample is not None else (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 0.95)
+    return sorted({min(num_steps - 1, int(round(f * (num_steps - 1)))) for f in fractions})
+
+
+def decide(records: list[dict], candidates: list[dict], num_layers: int, num_heads: int, num_steps: int,
+           error_budget: float, warmup_choices=WARMUP_CHOICES) -> dict[str, Any]:
+    """Choose per head the sparsest candidate within ``error_budget`` (worst case over prompts and the
+    sampled steps after the warm-up), else dense; pick the warm-up that minimizes expected cost.
+
+    Returns {"heads": [[spec]], "dense_steps": float, "dense_layers": [...], "per_head": [...]}.
+    """
+    C = len(candidates)
+    options = [(c, False) for c in range(C)] + [(c, True) for c in range(C)]
+    best = None
+    for warm in warmup_choices:
+        first = math.ceil(warm * num_steps)
+        worst = torch.zeros(num_layers, len(options), num_heads)
+        density = torch.ones(num_layers, len(options), num_heads)
+        seen = torch.zeros(num_layers, dtype=torch.bool)
+        for r in records:
+            if r["step"] < first:
+                continue
+            seen[r["layer"]] = True
+            worst[r["layer"]] = torch.maximum(worst[r["layer"]], torch.tensor(r["errors"]))
+            density[r["layer"]] = torch.tensor(r["densities"])
+        if not seen.all():
+            continue  # a warm-up that leaves layers unmeasured cannot be judged
+        ok = worst <= error_budget
+        cost_if_ok = torch.where(ok, density, torch.full_like(density, 2.0))
+        choice_cost, choice = cost_if_ok.min(dim=1)  # [L, H]
+        head_cost = choice_cost.clamp(max=1.0)
+        expected = warm + (1 - warm) * float(head_cost.mean())
+        if best is None or expected < best[0] - 1e-9:
+            best = (expected, warm, choice, choice_cost, worst, density)
+    if best is None:
+        raise ValueError("calibration measured no layer at the sampled steps: give more steps or prompts")
+    expected, warm, choice, choice_cost, worst, density = best
+    heads, per_head = [], []
+    for layer in range(num_layers):
+        row, info = [], []
+        for h in range(num_heads):
+            if choice_cost[layer, h] >= 1.0:  # nothing within budget, or only masks that visit everything
+                spec = {"kind": "dense"}
+            else:
+                c, with_sinks = options[int(choice[layer, h])]
+                spec = dict(candidates[c])
+                if with_sinks:
+                    frames = _sinks_of(records, layer, h)
+                    if frames:
+                        spec["sinks"] = {"frames": frames}
+            row.append(normalize_spec(spec))
+            info.append({
+                "chosen": spec_name(spec),
+                "density": float(density[layer, int(choice[layer, h]), h]) if spec["kind"] != "dense" else 1.0,
+                "error": float(worst[layer, int(choice[layer, h]), h]) if spec["kind"] != "dense" else 0.0,
+                "worst_error_by_option": {
+                    spec_name(candidates[c]) + ("+sinks" if s else ""): float(worst[layer, i, h])
+                    for i, (c, s) in enumerate(options)
+                },
+            })
+        heads.append(row)
+        per_head.append(info)
+    dense_layers = [i for i, row in enumerate(heads) if all(s["kind"] == "dense" for s in row)]
+    return {"heads": heads, "dense_steps": float(warm), "dense_layers": dense_layers, "per_head": per_head,
+            "expected_attention_cost": expected}
+
+
+def _sinks_of(records, layer, head) -> list[int]:
+    frames: set[int] = set()
+    for r in records:
+        if r["layer"] == layer:
+            frames.update(r["sink_frames"][head])
+    return sorted(frames)
+
+
+def calibrate(
+    pipe_or_transformer,
+    *,
+    run: Callable[[Any, int], Any] | None = None,
+    prompt_embeds: Sequence[torch.Tensor] | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    prompts: Sequence[str] | None = None,
+    num_inference_steps: int = 50,
+    candidates: Sequence[str | dict] = DEFAULT_CANDIDATES,
+    error_budget: float = 0.05,
+    tile: tuple[int, int, int] = (1, 8, 8),
+    sample_steps: Sequence[float] | None = None,
+    sink_factor: float = 4.0,
+    backend: str | None = None,
+    checkpoint: str | pathlib.Path | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    **pipe_kwargs,
+) -> SparsityPlan:
+    """Calibrate a plan for a diffusers video pipeline (or a bare transformer with ``run``).
+
+    Args:
+        pipe_or_transformer: a pipeline (its ``transformer`` is calibrated) or a transformer.
+        run: ``run(target, prompt_index)`` performs one generation; by default the pipeline is called
+            with ``prompts[i]`` or ``prompt_embeds[i]``, ``num_inference_steps`` and ``pipe_kwargs``
+            (height, width, num_frames, guidance_scale, ...).
+        candidates: mask specs to try (each also with each head's detected sink frames).
+        error_budget: largest allowed relative error ||O_mask - O_dense|| / ||O_dense|| per head.
+        sample_steps: fractions of the schedule at which to measure (default 7 points).
+        checkpoint: a JSON file for partial measurements; an existing one resumes the run.
+
+    Returns a :class:`SparsityPlan` whose ``metrics`` hold every measurement behind each decision.
+    """
+    from tqdm.auto import tqdm
+
+    target = pipe_or_transformer
+    transformer = getattr(target, "transformer", target)
+    adapter_for(transformer)
+    if not 0 < error_budget < 1:
+        raise ValueError(f"error_budget must lie in (0, 1), got {error_budget}")
+    cand = sorted((normalize_spec(c) for c in candidates), key=lambda c: spec_name(c))
+    if not cand or any(c["kind"] == "dense" for c in cand):
+        raise ValueError("candidates must be a non-empty list of sparse mask specs (dense is always the fallback)")
+    if run is None:
+        items = list(prompt_embeds) if prompt_embeds is not None else list(prompts or [])
+        if not items:
+            raise ValueError("give prompts=[...] or prompt_embeds=[...] (or a run callable)")
+        if not hasattr(target, "transformer"):
+            raise ValueError("a bare transformer needs run=callable(transformer, prompt_index)")
+
+        def run(pipe, i):
+            gen = torch.Generator(device="cpu").manual_seed(seed + i)
+            kw = dict(num_inference_steps=num_inference_steps, generator=gen, output_type="latent", **pipe_kwargs)
+            if prompt_embeds is not None:
+                kw["prompt_embeds"] = items[i]
+                if negative_prompt_embeds is not None:
+                    kw["negative_prompt_embeds"] = negative_prompt_embeds
+            else:
+                kw["prompt"] = items[i]
+            with torch.no_grad():
+                return pipe(**kw)
+
+        num_prompts = len(items)
+    else:
+        num_prompts = int(pipe_kwargs.pop("num_prompts", 1))
+    steps = _sample_steps(num_inference_steps, sample_steps)
+    base = SparsityPlan.dense(transformer, tile=tile)
+    done: dict[str, Any] = {"records": [], "prompts_done": 0}
+    ckpt = pathlib.Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        done = json.loads(ckpt.read_text())
+        if done.get("model") != model_fingerprint(transformer) or done.get("candidates") != cand:
+            raise ValueError(f"checkpoint {ckpt} was made for another model or candidate set; remove it to start over")
+    measurer = _Measurer(base, cand, set(steps), backend, sink_factor)
+    from ..integration.api import _set_processor
+
+    adapter = adapter_for(transformer)
+    originals = {n: m.processor for n, m in adapter.processor_modules(transformer)}
+    measurer.bind(transformer, scheduler=getattr(target, "scheduler", None))
+    for _, m in adapter.processor_modules(transformer):
+        _set_processor(m, measurer)
+    t0 = time.perf_counter()
+    try:
+        bar = tqdm(range(done["prompts_done"], num_prompts), desc="calibrating", disable=not progress,
+                   initial=done["prompts_done"], total=num_prompts, unit="prompt")
+        for i in bar:
+            measurer.reset()
+            measurer.records = []
+            run(target, i)
+            done["records"].extend(measurer.records)
+            done["prompts_done"] = i + 1
+            if ckpt is not None:
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                ckpt.write_text(json.dumps({**done, "model": model_fingerprint(transformer), "candidates": cand}))
+    finally:
+        measurer.unbind(transformer)
+        for name, m in adapter.processor_modules(transformer):
+            _set_processor(m, originals[name])
+    decision = decide(done["records"], cand, base.num_layers, base.num_heads, num_inference_steps, error_budget)
+    layout = measurer.layout_now
+    metrics = {
+        "error_budget": error_budget, "candidates": [spec_name(c) for c in cand], "sampled_steps": steps,
+        "num_inference_steps": num_inference_steps, "prompts": num_prompts, "seconds": round(time.perf_counter() - t0, 2),
+        "layout": layout.describe() if layout else None,
+        "expected_attention_cost": decision["expected_attention_cost"],
+        "per_head": decision["per_head"], "records": done["records"],
+    }
+    return SparsityPlan(heads=decision["heads"], tile=tile, dense_steps=decision["dense_steps"],
+                        dense_layers=decision["dense_layers"], model=model_fingerprint(transformer), metrics=metrics)
