@@ -1,4 +1,4 @@
-"""Command line: ``sparse-vdit demo | inspect | bench``."""
+"""Command line: ``sparse-vdit demo | calibrate | inspect | bench``."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="dense vs sparse on an embedded tiny Wan model", add_help=False)
     sub.add_parser("inspect", help="summarize a plan JSON or show a mask", add_help=False)
+    sub.add_parser("calibrate", help="choose per-head masks for a model", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: kernel | e2e", add_help=False)
     del bench
     if not argv or argv[0] in ("-h", "--help"):
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         from .inspect_cmd import main as inspect_main
 
         return inspect_main(rest) or 0
-    parser.error(f"unknown command {command!r}; valid: demo, inspect, bench")
+    if command == "calibrate":
+        from .calibration.cli import main as calibrate_main
+
+        return calibrate_main(rest) or 0
+    parser.error(f"unknown command {command!r}; valid: demo, calibrate, inspect, bench")
     return 2
 
 

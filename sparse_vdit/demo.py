@@ -49,7 +49,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sparse-vdit demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="folder for the plan, mask picture and frames")
     p.add_argument("--steps", type=int, default=10, help="denoising steps")
-    p.add_argument("--mask", default="sliding_tile", help="mask kind for sparse heads (e.g. sliding_tile, radial)")
+    p.add_argument("--uniform", default=None, metavar="MASK",
+                   help="skip calibration: one mask kind (e.g. sliding_tile, radial) on every layer but the last")
+    p.add_argument("--error-budget", type=float, default=0.05, help="calibration's per-head error budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -83,7 +85,18 @@ def main(argv=None) -> int:
     generate()  # warm-up (first-call allocations, kernel compilation on GPU)
     dense_video, dense_s = generate()
 
-    plan = sv.SparsityPlan.uniform(pipe.transformer, args.mask, tile=(1, 4, 4), dense_steps=0.2, dense_layers=[-1])
+    if args.uniform:
+        plan = sv.SparsityPlan.uniform(pipe.transformer, args.uniform, tile=(1, 4, 4), dense_steps=0.2, dense_layers=[-1])
+    else:
+        # Calibrate on a prompt other than the one generated below: each head gets the sparsest
+        # candidate whose output error stays within the budget, else stays dense.
+        calib_prompt = torch.randn(1, 16, 64, generator=g).to(device, dtype)
+        plan = sv.calibrate(pipe, prompt_embeds=[calib_prompt], negative_prompt_embeds=negative, height=height,
+                            width=width, num_frames=num_frames, num_inference_steps=args.steps, guidance_scale=5.0,
+                            candidates=["sliding_tile", "radial", "temporal"], error_budget=args.error_budget,
+                            tile=(1, 4, 4), sample_steps=(0.0, 0.5, 0.9), seed=args.seed + 7)
+        report = sv.calibration.save_report(plan, out)
+        print(f"calibrated in {plan.metrics['seconds']:.1f} s (report: {', '.join(map(str, report))})")
     plan_path = plan.save(out / "plan.json")
     sv.apply(pipe, plan)
     generate()

@@ -47,3 +47,13 @@ def test_bench_e2e_tiny_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["model"] == "tiny-wan" and 0 < rows[0]["avg_density"] <= 1
     assert rows[0]["dense_layers"] == [1] and rows[0]["schedule_dense_warmup"] == 2
+
+
+def test_calibrate_cli_tiny(tmp_path, capsys):
+    assert main(["calibrate", "--tiny", "--steps", "2", "--candidates", "temporal", "--error-budget", "0.3",
+                 "--out", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated in" in out and (tmp_path / "plan_report" / "heatmap.png").exists()
+    plan = sv.SparsityPlan.load(tmp_path / "plan.json")
+    assert plan.metrics["per_head"] and plan.model["class"] == "WanTransformer3DModel"
+    assert main(["inspect", str(tmp_path / "plan.json"), "--grid", "8,16,16"]) == 0

@@ -1,0 +1,62 @@
+"""``sparse-vdit calibrate``: calibrate a plan for a diffusers pipeline and write it with a report."""
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+
+def main(argv=None) -> int:
+    import torch
+
+    import sparse_vdit as sv
+
+    p = argparse.ArgumentParser(prog="sparse-vdit calibrate", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a local diffusers pipeline folder or a hub id (needs its weights)")
+    src.add_argument("--tiny", action="store_true", help="the embedded tiny Wan pipeline (no download)")
+    p.add_argument("--prompts", help="a text file, one prompt per line (with --model)")
+    p.add_argument("--out", default="plan.json")
+    p.add_argument("--report", default=None, help="folder for report pictures (default: beside --out)")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--candidates", default="sliding_tile,radial,spatial,temporal")
+    p.add_argument("--error-budget", type=float, default=0.05)
+    p.add_argument("--tile", default="1,8,8")
+    p.add_argument("--checkpoint", default=None, help="partial results file, to stop and resume")
+    args = p.parse_args(argv)
+    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    tile = tuple(int(x) for x in args.tile.split(","))
+    if args.tiny:
+        from sparse_vdit.integration.tiny import tiny_wan_pipeline
+
+        pipe = tiny_wan_pipeline()
+        g = torch.Generator().manual_seed(0)
+        embeds = [torch.randn(1, 16, 64, generator=g) for _ in range(2)]
+        kw = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.randn(1, 16, 64, generator=g), height=256,
+                  width=256, num_frames=29, guidance_scale=5.0)
+        steps = min(args.steps, 8)
+        tile = (1, 4, 4) if args.tile == "1,8,8" else tile
+    else:
+        if not args.prompts:
+            p.error("--model needs --prompts FILE")
+        prompts = [line.strip() for line in pathlib.Path(args.prompts).read_text().splitlines() if line.strip()]
+        from diffusers import DiffusionPipeline
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+        kw = dict(prompts=prompts, height=args.height, width=args.width, num_frames=args.frames)
+        steps = args.steps
+    pipe.set_progress_bar_config(disable=True)
+    plan = sv.calibrate(pipe, num_inference_steps=steps, candidates=candidates, error_budget=args.error_budget,
+                        tile=tile, checkpoint=args.checkpoint, **kw)
+    out = plan.save(args.out)
+    report = pathlib.Path(args.report) if args.report else out.parent / (out.stem + "_report")
+    paths = sv.calibration.save_report(plan, report)
+    print(plan.summary())
+    print(f"calibrated in {plan.metrics['seconds']} s; expected attention cost {plan.metrics['expected_attention_cost']:.3f} "
+          "of dense")
+    print(f"saved: {out}, {', '.join(map(str, paths))}")
+    return 0
