@@ -201,3 +201,38 @@ def test_set_attn_processor_binds_on_first_forward_called_by_keyword(model):
         sv.remove(model)
     assert stats["sparse"] == 3  # the second forward only
     assert torch.allclose(first, fwd(900)) and not torch.allclose(second, first)
+
+
+def test_wan_i2v_image_cross_attention_stays_stock():
+    m = tiny_wan_transformer(num_layers=2, image_dim=48, added_kv_proj_dim=128)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 16, 16, generator=g)
+    e = torch.randn(1, 512, 64, generator=g)  # Wan I2V's processor takes the last 512 tokens as text
+    img = torch.randn(1, 257, 48, generator=g)
+    with torch.no_grad():
+        ref = m(x, torch.tensor([900]), e, encoder_hidden_states_image=img).sample
+        proc = sv.apply(m, sv.SparsityPlan.uniform(m, {"kind": "sliding_tile", "window": [99, 99, 99]}, tile=(1, 4, 4)))
+        out = m(x, torch.tensor([900]), e, encoder_hidden_states_image=img).sample
+        stats = next(iter(proc._bindings.values())).stats
+        sv.remove(m)
+    assert stats["sparse"] == 2 and _rel(out, ref) <= 1e-5
+
+
+def test_wan22_second_transformer_needs_its_own_plan():
+    from types import SimpleNamespace
+
+    t1, t2 = tiny_wan_transformer(num_layers=2, seed=1), tiny_wan_transformer(num_layers=3, seed=2)
+    pipe = SimpleNamespace(transformer=t1, transformer_2=t2, scheduler=None)
+    p1 = sv.SparsityPlan.uniform(t1, "radial", tile=(1, 4, 4))
+    p2 = sv.SparsityPlan.uniform(t2, "sliding_tile", tile=(1, 4, 4))
+    with pytest.raises(ValueError, match="transformer_2"):
+        sv.apply(pipe, p1)
+    procs = sv.apply(pipe, {"transformer": p1, "transformer_2": p2})
+    assert [p.plan for p in procs] == [p1, p2]
+    x, e = _inputs(B=1, frames=2, size=16)
+    outs = [_run(t, x, e) for t in (t1, t2)]
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(next(iter(p._bindings.values())).stats["sparse"] == n for p, n in zip(procs, (2, 3)))
+    sv.remove(pipe)
+    assert not any(isinstance(getattr(m, "processor", None), sv.SparseAttnProcessor)
+                   for t in (t1, t2) for m in t.modules())
