@@ -68,7 +68,7 @@ class _Measurer(SparseAttnProcessor):
     def _measure(self, layer, step, layout, q, k, v, o, key_valid, backend):
         device = q.device
         heads = q.shape[2]
-        mass = block_mass(q, k, layout, key_valid)
+        mass = block_mass(q, k, layout, key_valid, backend=backend)
         sinks = sink_frames(mass, layout, self.sink_factor)
         key = (layout, str(device))
         if key not in self._cand_masks:

@@ -1,7 +1,7 @@
 """Measurements behind calibration, on one attention call's q, k, v (no N x N matrix is kept).
 
 - :func:`head_errors`: relative error ||O_mask - O_dense|| / ||O_dense|| per head for each candidate mask.
-- :func:`block_mass`: attention mass at block level, [H, Mq, Mk], computed in query chunks.
+- :func:`block_mass`: attention mass at block level, [H, Mq, Mk] (``ops.block_attention_mass``).
 - :func:`sink_frames`: the frames whose key blocks take far more than their share of attention.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import VideoLayout
-from ..ops import BlockSparseMask
+from ..ops import BlockSparseMask, block_attention_mass
 
 
 def dense_attention(q, k, v, key_valid=None):
@@ -39,33 +39,20 @@ def head_errors(q, k, v, o_dense, masks: list[BlockSparseMask], order, backend, 
 
 
 @torch.no_grad()
-def block_mass(q, k, layout: VideoLayout, key_valid=None, scale=None, budget_bytes: int = 1 << 28) -> torch.Tensor:
+def block_mass(q, k, layout: VideoLayout, key_valid=None, backend=None) -> torch.Tensor:
     """float [H, Mq, Mk]: mean attention probability mass each query block gives each key block
-    (rows sum to 1), averaged over the batch; computed in query chunks of the tiled sequence."""
-    B, N, H, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
-    order = layout.token_order(q.device).long()
-    valid = order >= 0
-    safe = order.clamp(min=0)
-    L, bs, M = order.numel(), layout.block_size, layout.num_blocks
-    total = torch.zeros(H, M, M, dtype=torch.float64, device=q.device)
-    counts = torch.zeros(M, dtype=torch.float64, device=q.device)
-    chunk = max(bs, (budget_bytes // max(1, H * L * 4)) // bs * bs)
-    for b in range(B):
-        kt = k[b, safe].transpose(0, 1).float()  # [H, L, D]
-        key_ok = valid if key_valid is None else valid & key_valid[b, safe]
-        for c0 in range(0, L, chunk):
-            c1 = min(L, c0 + chunk)
-            qt = q[b, safe[c0:c1]].transpose(0, 1).float()  # [H, c, D]
-            s = torch.einsum("hcd,hld->hcl", qt, kt) * scale
-            s = s.masked_fill(~key_ok[None, None, :], float("-inf"))
-            p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-            p = p * valid[c0:c1][None, :, None]  # padding queries give nothing
-            per_key_block = p.view(H, c1 - c0, M, bs).sum(-1)  # [H, c, M]
-            per_block = per_key_block.view(H, (c1 - c0) // bs, bs, M).sum(2)  # [H, c/bs, M]
-            total[:, c0 // bs:c1 // bs] += per_block.double()
-            counts[c0 // bs:c1 // bs] += valid[c0:c1].view(-1, bs).sum(-1).double()
-    return (total / counts.clamp(min=1)[None, :, None]).float()
+    (rows sum to 1), averaged over the batch. q, k: [B, N, H, D] in model order."""
+    order = layout.token_order(q.device)
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+    if key_valid is None:
+        return block_attention_mass(qh, kh, layout.block_size, token_order=order, backend=backend).mean(0)
+    real, safe = order >= 0, order.clamp(min=0).long()
+    per_batch = []
+    for b in range(q.shape[0]):
+        kv_order = torch.where(real & key_valid[b][safe], order, torch.full_like(order, -1))
+        per_batch.append(block_attention_mass(qh[b:b + 1], kh[b:b + 1], layout.block_size, token_order=order,
+                                              kv_token_order=kv_order, backend=backend))
+    return torch.cat(per_batch).mean(0)
 
 
 def sink_frames(mass: torch.Tensor, layout: VideoLayout, factor: float = 4.0) -> list[list[int]]:

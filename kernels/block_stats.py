@@ -1,0 +1,94 @@
+"""Triton kernel for block-level attention statistics (calibration).
+
+Given the natural-log LSE of each query under dense attention (from the forward kernel), one program
+takes one query block of one (batch, head), walks every key block, and writes the attention
+probability mass the block's queries give each key block: sum_i sum_j exp(q_i . k_j * scale - lse_i).
+No score matrix is stored; the cost is one more pass of dense QK^T.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)] if _INTERPRET else [
+    triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)
+]
+
+
+@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"])
+@triton.jit
+def _block_attn_mass(
+    q, k, lse, mass, token_order, kv_token_order,
+    sm_scale_log2,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_lb, stride_lh, stride_ln,
+    stride_mb, stride_mh, stride_mm, stride_mk,
+    H, N, HEAD_DIM, NUM_KV_BLOCKS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    if HAS_ORDER:
+        i_q = tl.load(token_order + o_m)
+        m_q = i_q >= 0
+        i_q = tl.where(m_q, i_q, 0)
+    else:
+        i_q = o_m
+        m_q = o_m < N
+    p_q = q + i_b * stride_qb + i_h * stride_qh + i_q[:, None] * stride_qn + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+    b_lse = tl.load(lse + i_b * stride_lb + i_h * stride_lh + i_q * stride_ln, mask=m_q, other=float("-inf"))
+    # Rows without a valid query or without any key (lse = -inf) contribute nothing.
+    m_row = m_q & (b_lse > float("-inf"))
+    b_lse2 = tl.where(m_row, b_lse * 1.4426950408889634, 0.0)  # log2 domain
+    p_k_bh = k + i_b * stride_kb + i_h * stride_kh
+    p_mass = mass + i_b * stride_mb + i_h * stride_mh + i_m * stride_mm
+    for i_kb in range(0, NUM_KV_BLOCKS):
+        o_kv = i_kb * BLOCK_N + o_n
+        if HAS_ORDER:
+            i_kv = tl.load(kv_token_order + o_kv)
+            m_kv = i_kv >= 0
+            i_kv = tl.where(m_kv, i_kv, 0)
+        else:
+            i_kv = o_kv
+            m_kv = o_kv < N
+        p_k = p_k_bh + i_kv[None, :] * stride_kn + o_d[:, None] * stride_kd
+        b_kt = tl.load(p_k, mask=m_kv[None, :] & m_d[:, None], other=0.0)  # [BD, BN]
+        b_s = tl.dot(b_q, b_kt) * sm_scale_log2
+        b_p = tl.math.exp2(b_s - b_lse2[:, None])
+        b_p = tl.where(m_row[:, None] & m_kv[None, :], b_p, 0.0)
+        tl.store(p_mass + i_kb * stride_mk, tl.sum(tl.sum(b_p, 1), 0))
+
+
+def block_attn_mass(q, k, lse, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, num_kv_blocks):
+    """Launch the statistics kernel; inputs are validated by ``sparse_vdit.ops``.
+
+    q, k: [B, H, N, D]; lse: fp32 [B, H, N]; token_order / kv_token_order: int32 [L] or None.
+    Returns fp32 [B, H, Mq, Mk]: summed probability mass per (query block, key block).
+    """
+    B, H, N, D = q.shape
+    mass = torch.empty((B, H, num_q_blocks, num_kv_blocks), dtype=torch.float32, device=q.device)
+    has_order = token_order is not None
+    order_arg = token_order if has_order else lse  # dummy pointer, never read
+    kv_order_arg = kv_token_order if kv_token_order is not None else order_arg
+    _block_attn_mass[(num_q_blocks, B * H)](
+        q, k, lse, mass, order_arg, kv_order_arg,
+        scale * 1.4426950408889634,
+        *q.stride(), *k.stride(), *lse.stride(), *mass.stride(),
+        H, N, D, num_kv_blocks,
+        BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HAS_ORDER=has_order,
+    )
+    return mass
