@@ -75,3 +75,24 @@ def test_plan_for_another_family_is_refused():
     plan = sv.SparsityPlan.uniform(wan, "radial")
     with pytest.raises(ValueError, match="model class: plan WanTransformer3DModel, model CogVideoXTransformer3DModel"):
         sv.apply(cog, plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gpu_bf16_covering_mask_close_to_stock(name):
+    """On the GPU the Triton kernel runs in bf16: a covering mask stays within bf16 noise of stock."""
+    model, call = make(name)
+    model = model.to("cuda", torch.bfloat16)
+
+    def run():
+        with torch.no_grad(), torch.device("cuda"):
+            return call(model).float()
+
+    torch.manual_seed(0)
+    ref = run()
+    sv.apply(model, sv.SparsityPlan.uniform(model, COVER, tile=(1, 4, 4)))
+    torch.manual_seed(0)
+    out = run()
+    sv.remove(model)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 3e-2

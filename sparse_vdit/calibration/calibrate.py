@@ -40,11 +40,15 @@ class _Measurer(SparseAttnProcessor):
         self.step_now = -1
         self.layout_now: VideoLayout | None = None
         self._cand_masks: dict[tuple, list] = {}
+        self.progress = None  # a tqdm bar whose postfix shows the step being run
 
     def _on_forward(self, binding, model, args, kwargs):
         super()._on_forward(binding, model, args, kwargs)
         self.step_now = binding.step
         self.layout_now = binding.layout
+        if self.progress is not None:
+            measuring = "measuring" if binding.step in self.sample_steps else "dense"
+            self.progress.set_postfix_str(f"step {binding.step + 1} ({measuring})", refresh=True)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, *args, rotary_emb=None, **kwargs):
@@ -252,6 +256,7 @@ def calibrate(
     try:
         bar = tqdm(range(done["prompts_done"], num_prompts), desc="calibrating", disable=not progress,
                    initial=done["prompts_done"], total=num_prompts, unit="prompt")
+        measurer.progress = bar if progress else None
         for i in bar:
             measurer.reset()
             measurer.records = []
