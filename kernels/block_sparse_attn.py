@@ -34,6 +34,19 @@ else:
     ]
 
 
+@triton.jit
+def token_index(order, o_pos, N, HAS_ORDER: tl.constexpr):
+    """Model token index of tiled positions ``o_pos`` and whether a token sits there (not padding)."""
+    if HAS_ORDER:
+        i_tok = tl.load(order + o_pos)
+        m_tok = i_tok >= 0
+        i_tok = tl.where(m_tok, i_tok, 0)
+    else:
+        i_tok = o_pos
+        m_tok = o_pos < N
+    return i_tok, m_tok
+
+
 @triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"])
 @triton.jit
 def _block_sparse_attn_fwd(
@@ -61,13 +74,7 @@ def _block_sparse_attn_fwd(
     o_d = tl.arange(0, BLOCK_D)  # [BD]
     m_d = o_d < HEAD_DIM
 
-    if HAS_ORDER:
-        i_q = tl.load(token_order + o_m)  # [BM] token index in model order, -1 for padding
-        m_q = i_q >= 0
-        i_q = tl.where(m_q, i_q, 0)
-    else:
-        i_q = o_m
-        m_q = o_m < N
+    i_q, m_q = token_index(token_order, o_m, N, HAS_ORDER)  # [BM] token index in model order
 
     p_q = q + i_b * stride_qb + i_h * stride_qh + i_q[:, None] * stride_qn + o_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
@@ -85,13 +92,7 @@ def _block_sparse_attn_fwd(
     for i_blk in range(0, n_blocks):
         i_kb = tl.load(p_idx + i_blk * stride_ik)
         o_kv = i_kb * BLOCK_N + o_n  # [BN]
-        if HAS_ORDER:
-            i_kv = tl.load(kv_token_order + o_kv)
-            m_kv = i_kv >= 0
-            i_kv = tl.where(m_kv, i_kv, 0)
-        else:
-            i_kv = o_kv
-            m_kv = o_kv < N
+        i_kv, m_kv = token_index(kv_token_order, o_kv, N, HAS_ORDER)
         p_k = p_k_bh + i_kv[None, :] * stride_kn + o_d[:, None] * stride_kd
         b_kt = tl.load(p_k, mask=m_kv[None, :] & m_d[:, None], other=0.0)  # [BD, BN]
         b_s = tl.dot(b_q, b_kt) * sm_scale_log2  # [BM, BN] fp32 logits in log2 units

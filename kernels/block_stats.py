@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_sparse_attn import token_index
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)] if _INTERPRET else [
     triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)
@@ -40,13 +42,7 @@ def _block_attn_mass(
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
-    if HAS_ORDER:
-        i_q = tl.load(token_order + o_m)
-        m_q = i_q >= 0
-        i_q = tl.where(m_q, i_q, 0)
-    else:
-        i_q = o_m
-        m_q = o_m < N
+    i_q, m_q = token_index(token_order, o_m, N, HAS_ORDER)
     p_q = q + i_b * stride_qb + i_h * stride_qh + i_q[:, None] * stride_qn + o_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
     b_lse = tl.load(lse + i_b * stride_lb + i_h * stride_lh + i_q * stride_ln, mask=m_q, other=float("-inf"))
@@ -57,13 +53,7 @@ def _block_attn_mass(
     p_mass = mass + i_b * stride_mb + i_h * stride_mh + i_m * stride_mm
     for i_kb in range(0, NUM_KV_BLOCKS):
         o_kv = i_kb * BLOCK_N + o_n
-        if HAS_ORDER:
-            i_kv = tl.load(kv_token_order + o_kv)
-            m_kv = i_kv >= 0
-            i_kv = tl.where(m_kv, i_kv, 0)
-        else:
-            i_kv = o_kv
-            m_kv = o_kv < N
+        i_kv, m_kv = token_index(kv_token_order, o_kv, N, HAS_ORDER)
         p_k = p_k_bh + i_kv[None, :] * stride_kn + o_d[:, None] * stride_kd
         b_kt = tl.load(p_k, mask=m_kv[None, :] & m_d[:, None], other=0.0)  # [BD, BN]
         b_s = tl.dot(b_q, b_kt) * sm_scale_log2
