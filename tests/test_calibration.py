@@ -22,7 +22,8 @@ def _wan_run(grid=(6, 12, 12), steps=4):
     def run(model, i):
         with torch.no_grad():
             for t in torch.linspace(999, 100, steps):
-                model(x + 0.1 * i, torch.tensor([float(t)]), e)
+                out = model(x + 0.1 * i, torch.tensor([float(t)]), e).sample
+        return out
     return run
 
 
@@ -75,6 +76,22 @@ def test_same_seed_same_plan_and_resume(planted, planted_plan, tmp_path):
     resumed = sv.calibrate(planted, checkpoint=ckpt, **kw)
     assert resumed.metrics["records"] == planted_plan.metrics["records"]
     assert resumed.heads == planted_plan.heads
+
+
+def test_global_budget_tightens_until_the_held_out_error_fits(planted, planted_plan):
+    kw = dict(run=_wan_run(), num_prompts=2, num_inference_steps=4, candidates=CANDIDATES, error_budget=0.05,
+              tile=(1, 4, 4), sample_steps=(0.0, 0.5, 1.0), progress=False)
+    # An impossible end-to-end budget: every tightening is tried, then the plan falls back to dense.
+    strict = sv.calibrate(planted, global_budget=1e-12, **kw)
+    history = strict.metrics["global_budget"]["history"]
+    assert len(history) == 6 and history[0]["head_budget"] == 0.05
+    assert all(b["head_budget"] < a["head_budget"] for a, b in zip(history, history[1:]))
+    assert all(h["end_to_end_error"] > 1e-12 for h in history)
+    assert all(s["kind"] == "dense" for row in strict.heads for s in row)
+    # A loose one: the per-head plan is kept, its held-out error is recorded and fits.
+    loose = sv.calibrate(planted, global_budget=0.05, **kw)
+    (check,) = loose.metrics["global_budget"]["history"]
+    assert loose.heads == planted_plan.heads and check["end_to_end_error"] <= 0.05
 
 
 # ---------------------------------------------------------------------------- synthetic heads

@@ -186,6 +186,7 @@ def calibrate(
     sink_factor: float = 4.0,
     backend: str | None = None,
     checkpoint: str | pathlib.Path | None = None,
+    global_budget: float | None = None,
     progress: bool = True,
     seed: int = 0,
     **pipe_kwargs,
@@ -201,6 +202,9 @@ def calibrate(
         error_budget: largest allowed relative error ||O_mask - O_dense|| / ||O_dense|| per head.
         sample_steps: fractions of the schedule at which to measure (default 7 points).
         checkpoint: a JSON file for partial measurements; an existing one resumes the run.
+        global_budget: optional bound on the end-to-end relative output error, checked on a held-out
+            prompt (the last of ``prompts`` / ``prompt_embeds``, or ``run(target, num_prompts)``, which
+            is then not measured); per-head budgets are tightened until the plan fits, else all dense.
 
     Returns a :class:`SparsityPlan` whose ``metrics`` hold every measurement behind each decision.
     """
@@ -233,7 +237,9 @@ def calibrate(
             with torch.no_grad():
                 return pipe(**kw)
 
-        num_prompts = len(items)
+        num_prompts = len(items) - (1 if global_budget is not None else 0)
+        if num_prompts < 1:
+            raise ValueError("global_budget holds out the last prompt: give at least two prompts")
     else:
         num_prompts = int(pipe_kwargs.pop("num_prompts", 1))
     steps = _sample_steps(num_inference_steps, sample_steps)
@@ -270,14 +276,64 @@ def calibrate(
         measurer.unbind(transformer)
         for name, m in adapter.processor_modules(transformer):
             _set_processor(m, originals[name])
-    decision = decide(done["records"], cand, base.num_layers, base.num_heads, num_inference_steps, error_budget)
     layout = measurer.layout_now
-    metrics = {
-        "error_budget": error_budget, "candidates": [spec_name(c) for c in cand], "sampled_steps": steps,
-        "num_inference_steps": num_inference_steps, "prompts": num_prompts, "seconds": round(time.perf_counter() - t0, 2),
-        "layout": layout.describe() if layout else None,
-        "expected_attention_cost": decision["expected_attention_cost"],
-        "per_head": decision["per_head"], "records": done["records"],
-    }
-    return SparsityPlan(heads=decision["heads"], tile=tile, dense_steps=decision["dense_steps"],
-                        dense_layers=decision["dense_layers"], model=model_fingerprint(transformer), metrics=metrics)
+
+    def make_plan(budget):
+        d = decide(done["records"], cand, base.num_layers, base.num_heads, num_inference_steps, budget)
+        metrics = {
+            "error_budget": budget, "candidates": [spec_name(c) for c in cand], "sampled_steps": steps,
+            "num_inference_steps": num_inference_steps, "prompts": num_prompts,
+            "layout": layout.describe() if layout else None,
+            "expected_attention_cost": d["expected_attention_cost"],
+            "per_head": d["per_head"], "records": done["records"],
+        }
+        return SparsityPlan(heads=d["heads"], tile=tile, dense_steps=d["dense_steps"], dense_layers=d["dense_layers"],
+                            model=model_fingerprint(transformer), metrics=metrics)
+
+    plan = make_plan(error_budget)
+    if global_budget is not None:
+        plan = _fit_global_budget(target, transformer, run, num_prompts, plan, make_plan, error_budget, global_budget)
+    plan.metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    return plan
+
+
+def _output_tensor(out):
+    """The tensor a pipeline or transformer call returned (latents, sample or frames)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("frames", "sample", "images"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError("global_budget needs run(...) to return a tensor (or an output with frames / sample)")
+
+
+def _fit_global_budget(target, transformer, run, held_out, plan, make_plan, error_budget, global_budget,
+                       shrink: float = 0.6, tries: int = 6):
+    """Check the plan's end-to-end error on the held-out prompt ``held_out``; tighten the per-head
+    budget (re-deciding from the same measurements) until the relative output error fits."""
+    from ..integration.api import apply, remove
+
+    reference = _output_tensor(run(target, held_out)).float()
+    budget = error_budget
+    history = []
+    for _ in range(tries):
+        apply(target, plan)
+        try:
+            out = _output_tensor(run(target, held_out)).float()
+        finally:
+            remove(target)
+        err = float((out - reference).norm() / reference.norm().clamp(min=1e-12))
+        history.append({"head_budget": budget, "end_to_end_error": err,
+                         "expected_attention_cost": plan.metrics["expected_attention_cost"]})
+        if err <= global_budget:
+            break
+        budget *= shrink
+        plan = make_plan(budget)
+    else:
+        plan = SparsityPlan.dense(transformer, tile=plan.tile)  # nothing sparse fits: stay dense
+        plan.metrics["records"] = []
+    plan.metrics["global_budget"] = {"budget": global_budget, "held_out_prompt": held_out, "history": history}
+    return plan

@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--error-budget", type=float, default=0.05)
     p.add_argument("--tile", default="1,8,8")
     p.add_argument("--checkpoint", default=None, help="partial results file, to stop and resume")
+    p.add_argument("--global-budget", type=float, default=None,
+                   help="bound on the end-to-end output error, checked on the last prompt (held out)")
     args = p.parse_args(argv)
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     tile = tuple(int(x) for x in args.tile.split(","))
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
 
         pipe = tiny_wan_pipeline()
         g = torch.Generator().manual_seed(0)
-        embeds = [torch.randn(1, 16, 64, generator=g) for _ in range(2)]
+        embeds = [torch.randn(1, 16, 64, generator=g) for _ in range(3 if args.global_budget else 2)]
         kw = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.randn(1, 16, 64, generator=g), height=256,
                   width=256, num_frames=29, guidance_scale=5.0)
         steps = min(args.steps, 8)
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
         steps = args.steps
     pipe.set_progress_bar_config(disable=True)
     plan = sv.calibrate(pipe, num_inference_steps=steps, candidates=candidates, error_budget=args.error_budget,
-                        tile=tile, checkpoint=args.checkpoint, **kw)
+                        tile=tile, checkpoint=args.checkpoint, global_budget=args.global_budget, **kw)
     out = plan.save(args.out)
     report = pathlib.Path(args.report) if args.report else out.parent / (out.stem + "_report")
     paths = sv.calibration.save_report(plan, report)
