@@ -134,7 +134,6 @@ def bench_model(name, spec, mask_spec, tile, dense_layers, steps, warmup, reps, 
         "peak_mem_sparse_gb": round(sparse_peak / 2**30, 2) if sparse_peak else None,
     }
     print(json.dumps(row))
-    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -127,7 +127,7 @@ def run(shapes: dict, densities, dtype, block: int, reps: int, with_flex: bool, 
         q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
         dense = dense_baselines(q, k, v, device, reps)
         fastest_name, fastest_ms = min(dense.items(), key=lambda kv: kv[1])
-        print(f"  dense: " + ", ".join(f"{n} {t:.3f} ms" for n, t in dense.items()))
+        print("  dense: " + ", ".join(f"{n} {t:.3f} ms" for n, t in dense.items()))
         M = -(-N // block)
         order = tile_order(N, block, device)
         own_dense_ms = None

@@ -47,6 +47,7 @@ __all__ = [
     "block_sparse_attention",
     "masks",
     "ops",
+    "plan",
     "reference_attention",
     "remove",
     "viz",

@@ -6,7 +6,7 @@ import torch
 import sparse_vdit as sv
 from sparse_vdit.ops import BlockSparseMask, block_sparse_attention
 
-from .conftest import DEVICE, HAS_CUDA, requires_cuda
+from .conftest import DEVICE, requires_cuda
 from .helpers import check_against_reference, rand_qkv, random_blocks
 
 # Under the interpreter bf16 dot products are broken (see ENVIRONMENT.md): fp16/fp32 on the CPU.

@@ -52,7 +52,7 @@ class _Measurer(SparseAttnProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, *args, rotary_emb=None, **kwargs):
-        slot = getattr(attn, "_sparse_vdit_slot")
+        slot = attn._sparse_vdit_slot
         if slot.layer is None or self.step_now not in self.sample_steps or self.layout_now is None:
             rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
             return slot.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary, *args, **kwargs)
