@@ -236,3 +236,14 @@ def test_wan22_second_transformer_needs_its_own_plan():
     sv.remove(pipe)
     assert not any(isinstance(getattr(m, "processor", None), sv.SparseAttnProcessor)
                    for t in (t1, t2) for m in t.modules())
+
+
+def test_apply_twice_replaces_the_earlier_plan(model):
+    x, e = _inputs(B=1, frames=2, size=16)
+    first = sv.apply(model, sv.SparsityPlan.uniform(model, "temporal", tile=(1, 4, 4)))
+    second = sv.apply(model, sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [99, 99, 99]}, tile=(1, 4, 4)))
+    out = _run(model, x, e)
+    assert not first._bindings and len(model._forward_pre_hooks) == 1
+    sv.remove(model)
+    ref = _run(model, x, e)
+    assert _rel(out, ref) <= 1e-5 and not second._bindings

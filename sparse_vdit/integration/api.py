@@ -28,17 +28,20 @@ def _transformers(pipe_or_transformer, plan):
 
 def apply(pipe_or_transformer, plan, backend: str | None = None):
     """Install a :class:`SparseAttnProcessor` on every attention module of the pipeline's
-    transformer(s). Returns the processor (or a dict of them for two transformers).
+    transformer(s). Returns the processor, or a list [transformer's, transformer_2's] for Wan 2.2.
 
-    The original processors are remembered, so :func:`remove` restores them exactly.
+    The original processors are remembered, so :func:`remove` restores them exactly. Applying again
+    replaces an earlier plan.
     """
-    procs = {}
+    procs = []
     for transformer, p, scheduler in _transformers(pipe_or_transformer, plan):
         if not isinstance(p, SparsityPlan):
             raise TypeError(f"plan must be a SparsityPlan, got {type(p).__name__}")
         adapter = adapter_for(transformer)  # a clear error for unsupported models
         p.check_model(transformer)
         modules = adapter.processor_modules(transformer)
+        for old in {id(m.processor): m.processor for _, m in modules if isinstance(m.processor, SparseAttnProcessor)}.values():
+            old.unbind(transformer)  # an earlier plan's hook must not keep running
         if not hasattr(transformer, "_sparse_vdit_original"):
             # A SparseAttnProcessor set earlier by hand is not an original: remember the stock one.
             transformer._sparse_vdit_original = {
@@ -49,9 +52,8 @@ def apply(pipe_or_transformer, plan, backend: str | None = None):
         proc.bind(transformer, scheduler=scheduler)
         for _, m in modules:
             _set_processor(m, proc)
-        procs[transformer] = proc
-    values = list(procs.values())
-    return values[0] if len(values) == 1 else values
+        procs.append(proc)
+    return procs[0] if len(procs) == 1 else procs
 
 
 def remove(pipe_or_transformer) -> None:
