@@ -44,11 +44,7 @@ def main(argv=None) -> int:
         if not args.prompts:
             p.error("--model needs --prompts FILE")
         prompts = [line.strip() for line in pathlib.Path(args.prompts).read_text().splitlines() if line.strip()]
-        from diffusers import DiffusionPipeline
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+        pipe = sv.integration.load_pipeline(args.model)
         kw = dict(prompts=prompts, height=args.height, width=args.width, num_frames=args.frames)
         steps = args.steps
     pipe.set_progress_bar_config(disable=True)

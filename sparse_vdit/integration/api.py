@@ -81,3 +81,16 @@ def _set_processor(module, processor) -> None:
         module.set_processor(processor)
     else:
         module.processor = processor
+
+
+def load_pipeline(path_or_id: str, device: str | None = None, dtype=None):
+    """Load a diffusers pipeline (a local folder, or a hub id where the hub is reachable) on
+    ``device`` (default: CUDA when present) in ``dtype`` (default: bf16 on CUDA, fp32 on CPU)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype).to(device)
+    adapter_for(pipe.transformer)  # a clear error for unsupported models, before any calibration work
+    return pipe
