@@ -57,3 +57,15 @@ def test_calibrate_cli_tiny(tmp_path, capsys):
     plan = sv.SparsityPlan.load(tmp_path / "plan.json")
     assert plan.metrics["per_head"] and plan.model["class"] == "WanTransformer3DModel"
     assert main(["inspect", str(tmp_path / "plan.json"), "--grid", "8,16,16"]) == 0
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "cogvideox", "ltx_video", "mochi"])
+def test_calibrate_cli_tiny_families(family, tmp_path, capsys):
+    assert main(["calibrate", "--tiny", family, "--steps", "2", "--candidates", "temporal",
+                 "--out", str(tmp_path / "plan.json")]) == 0
+    plan = sv.SparsityPlan.load(tmp_path / "plan.json")
+    assert plan.metrics["records"] and (tmp_path / "plan_report" / "sinks.png").exists()
+    assert "calibrated in" in capsys.readouterr().out

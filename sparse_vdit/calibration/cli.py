@@ -13,7 +13,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sparse-vdit calibrate", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a local diffusers pipeline folder or a hub id (needs its weights)")
-    src.add_argument("--tiny", action="store_true", help="the embedded tiny Wan pipeline (no download)")
+    src.add_argument("--tiny", nargs="?", const="wan", metavar="FAMILY",
+                     help="an embedded tiny model with random weights (no download): wan (a whole pipeline with "
+                          "planted local attention; the default), hunyuan_video, cogvideox, ltx_video or mochi "
+                          "(a transformer fed random latents)")
     p.add_argument("--prompts", help="a text file, one prompt per line (with --model)")
     p.add_argument("--out", default="plan.json")
     p.add_argument("--report", default=None, help="folder for report pictures (default: beside --out)")
@@ -30,10 +33,29 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     tile = tuple(int(x) for x in args.tile.split(","))
-    if args.tiny:
+    if args.tiny and args.tiny != "wan":
+        from sparse_vdit.integration.tiny_families import FAMILIES, make
+
+        if args.tiny not in FAMILIES:
+            p.error(f"--tiny {args.tiny!r}: valid families are {list(FAMILIES)}")
+        target, call = make(args.tiny)
+        steps = min(args.steps, 4)
+        timesteps = torch.linspace(999, 50, steps).tolist()
+
+        def run(model, i):
+            with torch.no_grad():
+                for t in timesteps:
+                    out = call(model, batch=1, t=t, seed=i)
+            return out
+
+        n = 3 if args.global_budget else 2
+        kw = dict(run=run, num_prompts=n - (1 if args.global_budget else 0))
+        tile = (1, 4, 4) if args.tile == "1,8,8" else tile
+    elif args.tiny:
         from sparse_vdit.integration.tiny import tiny_wan_pipeline
 
-        pipe = tiny_wan_pipeline()
+        target = pipe = tiny_wan_pipeline()
+        pipe.set_progress_bar_config(disable=True)
         g = torch.Generator().manual_seed(0)
         embeds = [torch.randn(1, 16, 64, generator=g) for _ in range(3 if args.global_budget else 2)]
         kw = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.randn(1, 16, 64, generator=g), height=256,
@@ -44,11 +66,11 @@ def main(argv=None) -> int:
         if not args.prompts:
             p.error("--model needs --prompts FILE")
         prompts = [line.strip() for line in pathlib.Path(args.prompts).read_text().splitlines() if line.strip()]
-        pipe = sv.integration.load_pipeline(args.model)
+        target = pipe = sv.integration.load_pipeline(args.model)
+        pipe.set_progress_bar_config(disable=True)
         kw = dict(prompts=prompts, height=args.height, width=args.width, num_frames=args.frames)
         steps = args.steps
-    pipe.set_progress_bar_config(disable=True)
-    plan = sv.calibrate(pipe, num_inference_steps=steps, candidates=candidates, error_budget=args.error_budget,
+    plan = sv.calibrate(target, num_inference_steps=steps, candidates=candidates, error_budget=args.error_budget,
                         tile=tile, checkpoint=args.checkpoint, global_budget=args.global_budget, **kw)
     out = plan.save(args.out)
     report = pathlib.Path(args.report) if args.report else out.parent / (out.stem + "_report")
