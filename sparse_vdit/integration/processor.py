@@ -212,7 +212,9 @@ class SparseAttnProcessor:
         key = (self._layer_keys[layer], layout, str(device))
         mask = self._mask_cache.get(key)
         if mask is None:
-            mask = build(self.plan.layer_specs(layer), layout, device=device)
+            specs = self.plan.layer_specs(layer)
+            # One spec for every head: a single head row that the kernel broadcasts (stride 0).
+            mask = build(specs[0] if all(s == specs[0] for s in specs) else specs, layout, device=device)
             self._mask_cache[key] = mask
         return mask
 
