@@ -53,6 +53,37 @@ def test_planted_local_sparse_global_dense(planted_plan):
     assert plan.metrics["records"] and plan.metrics["sampled_steps"] == [0, 2, 3]
 
 
+def test_planted_sink_layer_gets_sink_aware_mask_or_dense():
+    """Layer 0 local, layer 1 local plus a first-frame sink every query attends to, layer 2 global."""
+    from sparse_vdit.integration.tiny import plant_sink_frame
+
+    m = tiny_wan_transformer(num_layers=3)
+    plant_local_attention(m, [0, 1], sharpness=8.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 6, 24, 24, generator=g)
+    x[:, :, 0] += 3.0  # a distinctive first frame, like an I2V conditioning frame
+    e = torch.randn(1, 10, 64, generator=g)
+    plant_sink_frame(m, 1, x, torch.tensor([999.0]), e, frame=0)
+
+    def run(model, i):
+        with torch.no_grad():
+            for t in torch.linspace(999, 100, 4):
+                out = model(x + 0.05 * i * torch.randn(x.shape, generator=torch.Generator().manual_seed(i)),
+                            torch.tensor([float(t)]), e).sample
+        return out
+
+    plan = sv.calibrate(m, run=run, num_prompts=2, num_inference_steps=4, candidates=["sliding_tile"],
+                        error_budget=0.05, tile=(1, 4, 4), sample_steps=(0.0, 1.0), progress=False)
+    sink_records = [r for r in plan.metrics["records"] if r["layer"] == 1]
+    assert all(r["sink_frames"][h] == [0] for r in sink_records for h in range(4))  # the sink is found
+    plain = plan.metrics["per_head"][1][0]["worst_error_by_option"]["sliding_tile(3,3,3)"]
+    assert plain > 0.05  # without the sink the local mask fails ...
+    for spec in plan.layer_specs(1):  # ... so the layer gets the sink-aware mask, or stays dense
+        assert spec["kind"] == "dense" or spec.get("sinks", {}).get("frames") == [0]
+    assert all("sinks" not in s for s in plan.layer_specs(0))
+    assert all(s["kind"] == "dense" for s in plan.layer_specs(2))
+
+
 def test_chosen_plan_end_to_end_error_within_budget(planted, planted_plan):
     f, h, w = 6, 12, 12
     g = torch.Generator().manual_seed(5)  # a held-out input

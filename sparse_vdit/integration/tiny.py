@@ -64,3 +64,39 @@ def tiny_wan_pipeline(planted_layers=(0, 1, 2), sharpness: float = 4.0, seed: in
                            temperal_downsample=[False, True, True]).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
+
+
+@torch.no_grad()
+def plant_sink_frame(transformer, layer: int, hidden_states, timestep, encoder_hidden_states, frame: int = 0,
+                     strength: float = 0.15, query_weight: float = 4.0) -> None:
+    """Make one planted-local Wan layer sink-dominated: every query also attends to the keys of
+    ``frame`` (as late layers do with the first frame), on inputs like ``hidden_states``, whose
+    ``frame`` must stand out (e.g. a latent offset, as an I2V conditioning frame does).
+
+    The keys get a component along the direction that separates that frame's tokens at the layer's
+    input, in an entry of each head whose RoPE angle barely moves (the slowest temporal pair), so
+    the extra logit is the same for every query; queries get a constant in that entry.
+    """
+    attn = transformer.blocks[layer].attn1
+    captured = {}
+    handle = attn.register_forward_pre_hook(lambda mod, args: captured.setdefault("h", args[0].detach()))
+    try:
+        transformer(hidden_states, timestep, encoder_hidden_states)
+    finally:
+        handle.remove()
+    pt, ph, pw = transformer.config.patch_size
+    _, _, f, h, w = hidden_states.shape
+    per_frame = (h // ph) * (w // pw)
+    tokens = captured["h"][0].float()  # [N, dim]
+    inside = torch.zeros(tokens.shape[0], dtype=torch.bool)
+    inside[frame * per_frame:(frame + 1) * per_frame] = True
+    direction = tokens[inside].mean(0) - tokens[~inside].mean(0)
+    direction = direction / direction.norm()
+    baseline = float((tokens[~inside] @ direction).mean())
+    heads = transformer.config.num_attention_heads
+    head_dim = transformer.config.attention_head_dim
+    slow = head_dim - 4 * (head_dim // 6) - 2  # first entry of the slowest temporal RoPE pair
+    for i in range(heads):
+        attn.to_k.weight[i * head_dim + slow] = strength * direction
+        attn.to_k.bias[i * head_dim + slow] = -strength * baseline
+        attn.to_q.bias[i * head_dim + slow] = query_weight
