@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..masks import VideoLayout, build, normalize_spec, spec_name
-from ..ops import default_backend
+from ..masks import VideoLayout, block_matrix, normalize_spec, sink_blocks, spec_name
+from ..ops import BlockSparseMask, default_backend
 from ..plan import SparsityPlan, model_fingerprint
 from ..integration.adapters import adapter_for
 from ..integration.processor import SparseAttnProcessor
@@ -39,7 +39,8 @@ class _Measurer(SparseAttnProcessor):
         self.records: list[dict] = []  # one per (sampled call, layer)
         self.step_now = -1
         self.layout_now: VideoLayout | None = None
-        self._cand_masks: dict[tuple, list] = {}
+        self._cand_masks: dict[tuple, tuple] = {}
+        self._sink_masks: dict[tuple, BlockSparseMask] = {}
         self.progress = None  # a tqdm bar whose postfix shows the step being run
 
     def _on_forward(self, binding, model, args, kwargs):
@@ -74,25 +75,41 @@ class _Measurer(SparseAttnProcessor):
         heads = q.shape[2]
         mass = block_mass(q, k, layout, key_valid, backend=backend)
         sinks = sink_frames(mass, layout, self.sink_factor)
-        key = (layout, str(device))
+        key = (layout, str(device), heads)
         if key not in self._cand_masks:
-            self._cand_masks[key] = [build(c, layout, heads=heads, device=device) for c in self.candidates]
-        masks = list(self._cand_masks[key])
-        # Sink-aware variants: the same candidates with each head's own sink frames always visited.
-        sink_specs = [[{**c, "sinks": {"frames": sinks[h]}} if sinks[h] else c for h in range(heads)]
-                      for c in self.candidates]
-        sink_masks = [build(s, layout, device=device) for s in sink_specs]
+            blocks = [block_matrix(c, layout).to(device) for c in self.candidates]
+            masks = [BlockSparseMask.from_dense(b.expand(heads, -1, -1), layout.block_size) for b in blocks]
+            self._cand_masks[key] = (blocks, masks)
+        blocks, masks = self._cand_masks[key]
         order = layout.token_order(device)
-        errors = head_errors(q, k, v, o, masks + sink_masks, order, backend, key_valid)  # [2C, H]
-        inside = torch.stack([mass_inside(mass, m) for m in masks + sink_masks])  # [2C, H]
+        errors = head_errors(q, k, v, o, masks, order, backend, key_valid)  # [C, H]
+        if any(sinks):
+            # Sink-aware variants: each candidate with each head's own sink frames always visited.
+            sink_masks = [self._with_sinks(b, sinks, layout, device) for b in blocks]
+            sink_errors = head_errors(q, k, v, o, sink_masks, order, backend, key_valid)
+        else:  # no sinks found: the sink-aware variants are the candidates themselves
+            sink_masks, sink_errors = masks, errors
+        all_masks = masks + sink_masks
+        inside = torch.stack([mass_inside(mass, m) for m in all_masks])  # [2C, H]
         received = mass.mean(dim=1)  # [H, Mk]
         top = received.topk(max(1, received.shape[1] // 100), dim=-1).values.sum(-1) / received.sum(-1).clamp(min=1e-12)
         self.records.append({
             "layer": layer, "step": step,
-            "errors": errors.cpu().tolist(), "mass_inside": inside.cpu().tolist(),
+            "errors": torch.cat([errors, sink_errors]).cpu().tolist(), "mass_inside": inside.cpu().tolist(),
             "sink_frames": sinks, "top1pct_key_mass": top.cpu().tolist(),
-            "densities": [m.head_density().tolist() for m in masks + sink_masks],
+            "densities": [m.head_density().tolist() for m in all_masks],
         })
+
+    def _with_sinks(self, blocks, sinks, layout, device):
+        """A candidate's block matrix with each head's sink-frame key blocks added (cached)."""
+        key = (id(blocks), layout, tuple(map(tuple, sinks)))
+        if key not in self._sink_masks:
+            per_head = blocks.expand(len(sinks), -1, -1).clone()
+            for h, frames in enumerate(sinks):
+                if frames:
+                    per_head[h][:, sink_blocks({"frames": frames}, layout).to(device)] = True
+            self._sink_masks[key] = BlockSparseMask.from_dense(per_head, layout.block_size)
+        return self._sink_masks[key]
 
 
 def _sample_steps(num_steps: int, sample: Sequence[float] | None) -> list[int]:
