@@ -26,16 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="dense vs sparse on an embedded tiny Wan model", add_help=False)
     sub.add_parser("inspect", help="summarize a plan JSON or show a mask", add_help=False)
     sub.add_parser("calibrate", help="choose per-head masks for a model", add_help=False)
-    bench = sub.add_parser("bench", help="benchmarks: kernel | e2e", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks: kernel | e2e | calibration", add_help=False)
     del bench
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":
-        if not rest or rest[0] not in ("kernel", "e2e"):
-            parser.error("usage: sparse-vdit bench {kernel,e2e} [options]")
-        module = {"kernel": "bench_kernel", "e2e": "bench_e2e"}[rest[0]]
+        modules = {"kernel": "bench_kernel", "e2e": "bench_e2e", "calibration": "bench_calibration"}
+        if not rest or rest[0] not in modules:
+            parser.error(f"usage: sparse-vdit bench {{{','.join(modules)}}} [options]")
+        module = modules[rest[0]]
         _benchmarks_module(module).main(rest[1:])
         return 0
     if command == "demo":

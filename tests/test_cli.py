@@ -69,3 +69,13 @@ def test_calibrate_cli_tiny_families(family, tmp_path, capsys):
     plan = sv.SparsityPlan.load(tmp_path / "plan.json")
     assert plan.metrics["records"] and (tmp_path / "plan_report" / "sinks.png").exists()
     assert "calibrated in" in capsys.readouterr().out
+
+
+def test_bench_calibration_tiny_smoke(tmp_path):
+    import json
+
+    from sparse_vdit.cli import _benchmarks_module
+
+    out = _benchmarks_module("bench_calibration").main(["--tiny", "--out", str(tmp_path / "c.json")])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["calibration_s"] > 0 and row["model"] == "tiny-wan"
