@@ -67,7 +67,11 @@ def test_calibrate_cli_tiny_families(family, tmp_path, capsys):
     assert main(["calibrate", "--tiny", family, "--steps", "2", "--candidates", "temporal",
                  "--out", str(tmp_path / "plan.json")]) == 0
     plan = sv.SparsityPlan.load(tmp_path / "plan.json")
-    assert plan.metrics["records"] and (tmp_path / "plan_report" / "sinks.png").exists()
+    assert plan.metrics["per_head"] and (tmp_path / "plan_report" / "sinks.png").exists()
+    import json
+
+    records = json.loads((tmp_path / "plan_report" / "measurements.json").read_text())["records"]
+    assert records and {"errors", "sink_frames", "mass_inside"} <= set(records[0])
     assert "calibrated in" in capsys.readouterr().out
 
 

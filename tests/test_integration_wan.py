@@ -247,3 +247,13 @@ def test_apply_twice_replaces_the_earlier_plan(model):
     sv.remove(model)
     ref = _run(model, x, e)
     assert _rel(out, ref) <= 1e-5 and not second._bindings
+
+
+@pytest.mark.parametrize("metrics", [{}, {"per_head": [[{"chosen": "dense"}] * 4] * 3},
+                                     {"a": 1, "per_head": [[{"chosen": "dense"}] * 4] * 3, "records": [1]}])
+def test_plan_file_is_valid_json_for_any_metrics(model, tmp_path, metrics):
+    plan = sv.SparsityPlan.uniform(model, "radial")
+    plan.metrics = metrics
+    again = sv.SparsityPlan.load(plan.save(tmp_path / "p.json"))
+    assert again.metrics == {k: v for k, v in metrics.items() if k != "records"}
+    assert again.heads == plan.heads

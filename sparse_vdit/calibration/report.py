@@ -1,6 +1,7 @@
 """Calibration report pictures: a layer x head heatmap of chosen density and error, and a sink map."""
 from __future__ import annotations
 
+import json
 import pathlib
 
 import torch
@@ -9,8 +10,9 @@ from ..plan import SparsityPlan
 
 
 def save_report(plan: SparsityPlan, folder: str | pathlib.Path) -> list[pathlib.Path]:
-    """Write ``heatmap.png`` (chosen density and error per layer x head) and ``sinks.png`` (how often
-    each latent frame was detected as a sink, per layer) into ``folder``; returns the paths."""
+    """Write ``heatmap.png`` (chosen density and error per layer x head), ``sinks.png`` (how often
+    each latent frame was detected as a sink, per layer) and ``measurements.json`` (every record
+    behind the decisions) into ``folder``; returns the paths."""
     from ..viz import _plt
 
     per_head = plan.metrics.get("per_head")
@@ -53,4 +55,7 @@ def save_report(plan: SparsityPlan, folder: str | pathlib.Path) -> list[pathlib.
     sink_path = folder / "sinks.png"
     fig.savefig(sink_path, dpi=100)
     plt.close(fig)
-    return [heat, sink_path]
+    measurements = folder / "measurements.json"
+    measurements.write_text(json.dumps({"metrics": {k: v for k, v in plan.metrics.items() if k != "records"},
+                                        "records": records}))
+    return [heat, sink_path, measurements]

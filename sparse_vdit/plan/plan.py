@@ -204,14 +204,27 @@ class SparsityPlan:
         }
 
     def save(self, path: str | pathlib.Path) -> pathlib.Path:
+        """Write the plan as JSON: one line per layer for the heads (and for per-head calibration
+        results), so a person can read and diff it. Raw calibration records (``metrics["records"]``,
+        large at real sizes) are left out; ``sparse_vdit.calibration.save_report`` writes them."""
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         d = self.to_dict()
-        # One line per layer keeps the file readable by a person and diffable.
-        head = json.dumps({k: v for k, v in d.items() if k not in ("heads", "metrics")}, indent=1)[:-2]
-        rows = ",\n".join("  " + json.dumps(row) for row in d["heads"])
-        text = f'{head},\n "metrics": {json.dumps(d["metrics"])},\n "heads": [\n{rows}\n ]\n}}\n'
-        path.write_text(text)
+        metrics = {k: v for k, v in d["metrics"].items() if k != "records"}
+        per_head = metrics.pop("per_head", None)
+        top = {k: v for k, v in d.items() if k not in ("heads", "metrics")}
+        lines = ["{"] + [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in top.items()]
+        if per_head:
+            lines.append(f' "metrics": {json.dumps(metrics)[:-1]}{", " if metrics else ""}"per_head": [')
+        else:
+            lines.append(f' "metrics": {json.dumps(metrics)},')
+        if per_head:
+            lines.append(",\n".join("  " + json.dumps(row) for row in per_head))
+            lines.append(" ]},")
+        lines.append(' "heads": [')
+        lines.append(",\n".join("  " + json.dumps(row) for row in d["heads"]))
+        lines.append(" ]\n}")
+        path.write_text("\n".join(lines) + "\n")
         return path
 
     @classmethod
