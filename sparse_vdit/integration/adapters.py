@@ -186,8 +186,9 @@ class HunyuanVideoAdapter(ModelAdapter):
             key = torch.cat([key, ek], dim=1)
             value = torch.cat([value, ev], dim=1)
         key_valid = None
-        if attention_mask is not None:  # [B, 1, 1, N] True = attend to this key
-            key_valid = attention_mask.reshape(attention_mask.shape[0], -1).bool()
+        if attention_mask is not None:  # [B, 1, 1, N]: True (or an additive 0) = attend to this key
+            flat = attention_mask.reshape(attention_mask.shape[0], -1)
+            key_valid = flat if flat.dtype == torch.bool else flat > torch.finfo(flat.dtype).min / 2
         out = attend(query, key, value, key_valid=key_valid)
         out = out.flatten(2, 3).to(query.dtype)
         out, enc_out = out[:, :-text], out[:, -text:]
