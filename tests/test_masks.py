@@ -166,6 +166,8 @@ def test_block_mask_equals_block_reduction_of_token_definition(layout, spec):
 @SETTINGS
 @given(layouts(), st.sampled_from(SPECS))
 def test_structural_invariants(layout, spec):
+    if normalize_spec(spec).get("sinks") and layout.seq_len < 5:
+        return  # the sink token range [3, 5) needs 5 tokens (its error is tested elsewhere)
     m = block_matrix(spec, layout)
     nv = layout.num_video_blocks
     assert m.diagonal().all(), "every query tile visits itself"
@@ -184,11 +186,23 @@ def test_structural_invariants(layout, spec):
     ("temporal", "radius", [0, 1, 2, 3]),
     ("radial", "dense_frames", [0, 1, 2, 4]),
 ])
-def test_density_monotone_in_window(kind, param, values):
-    layout = VideoLayout(12, 24, 32, (1, 4, 4))
-    d = [build({"kind": kind, param: v}, layout).density() for v in values]
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts())
+def test_density_monotone_in_window(kind, param, values, layout):
+    masks = [block_matrix({"kind": kind, param: v}, layout) for v in values]
+    # a larger window visits a superset of blocks, so density never falls
+    for small, large in zip(masks, masks[1:]):
+        assert not (small & ~large).any()
+    d = [float(m.float().mean()) for m in masks]
     assert all(a <= b for a, b in zip(d, d[1:])), d
-    assert d[0] < d[-1]
+
+
+def test_density_grows_strictly_on_a_large_grid():
+    layout = VideoLayout(12, 24, 32, (1, 4, 4))
+    for kind, param, values in [("sliding_tile", "window", [[1, 1, 1], [9, 9, 9]]), ("spatial", "frames", [0, 4]),
+                                ("temporal", "radius", [0, 3]), ("radial", "dense_frames", [0, 4])]:
+        d = [build({"kind": kind, param: v}, layout).density() for v in values]
+        assert d[0] < d[1], (kind, d)
 
 
 def test_radial_density_falls_with_frames_and_is_n_log_n():
