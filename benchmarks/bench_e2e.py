@@ -92,12 +92,11 @@ def bench_model(name, spec, mask_spec, tile, dense_layers, steps, warmup, reps, 
 
     plan = sv.SparsityPlan.uniform(model, mask_spec, tile=tile, dense_layers=dense_layers, dense_steps=0)
     proc = sv.apply(model, plan)
-    binding = next(iter(proc._bindings.values()))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sparse_ms = _time(run, device, reps)
     sparse_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    layout = binding.layout
+    layout = proc.layout
     masks = [proc.mask_for(i, layout, device) for i in range(plan.num_layers)]
     density = sum(m.density() for m in masks) / len(masks)
 

@@ -98,11 +98,10 @@ def main(argv=None) -> int:
         report = sv.calibration.save_report(plan, out)
         print(f"calibrated in {plan.metrics['seconds']:.1f} s (report: {', '.join(map(str, report))})")
     plan_path = plan.save(out / "plan.json")
-    sv.apply(pipe, plan)
+    proc = sv.apply(pipe, plan)
     generate()
     sparse_video, sparse_s = generate()
-    proc = pipe.transformer.blocks[0].attn1.processor
-    layout = next(iter(proc._bindings.values())).layout
+    layout = proc.layout
     sv.remove(pipe)
 
     psnr = _psnr(sparse_video, dense_video)

@@ -51,6 +51,7 @@ def test_planted_local_sparse_global_dense(planted_plan):
         for h in row:
             assert h["density"] < 1.0 and h["error"] <= 0.05
     assert plan.metrics["records"] and plan.metrics["sampled_steps"] == [0, 2, 3]
+    assert plan.metrics["layout"].startswith("grid 6x12x12 tokens, tile 1x4x4")
 
 
 def test_planted_sink_layer_gets_sink_aware_mask_or_dense():

@@ -69,6 +69,16 @@ def test_two_resolutions_then_remove(family):
         assert torch.equal(_run(call, model, grid=g), r)
 
 
+def test_key_mask_boolean_or_additive():
+    from sparse_vdit.integration.adapters import key_valid_from_mask
+
+    keep = torch.tensor([[True, True, False], [True, False, False]])
+    assert torch.equal(key_valid_from_mask(keep[:, None, None, :]), keep)
+    additive = torch.zeros(2, 3).masked_fill(~keep, torch.finfo(torch.float32).min)
+    assert torch.equal(key_valid_from_mask(additive[:, None, None, :]), keep)
+    assert torch.equal(key_valid_from_mask(additive.masked_fill(~keep, float("-inf"))), keep)
+
+
 def test_plan_for_another_family_is_refused():
     wan, _ = make("wan")
     cog, _ = make("cogvideox")

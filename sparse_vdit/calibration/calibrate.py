@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..masks import VideoLayout, block_matrix, normalize_spec, sink_blocks, spec_name
+from ..masks import block_matrix, normalize_spec, sink_blocks, spec_name
 from ..ops import BlockSparseMask, default_backend
 from ..plan import SparsityPlan, model_fingerprint
 from ..integration.adapters import adapter_for
@@ -37,37 +37,30 @@ class _Measurer(SparseAttnProcessor):
         self.sample_steps = sample_steps
         self.sink_factor = sink_factor
         self.records: list[dict] = []  # one per (sampled call, layer)
-        self.step_now = -1
-        self.layout_now: VideoLayout | None = None
         self._cand_masks: dict[tuple, tuple] = {}
         self._sink_masks: dict[tuple, BlockSparseMask] = {}
         self.progress = None  # a tqdm bar whose postfix shows the step being run
 
     def _on_forward(self, binding, model, args, kwargs):
         super()._on_forward(binding, model, args, kwargs)
-        self.step_now = binding.step
-        self.layout_now = binding.layout
         if self.progress is not None:
             measuring = "measuring" if binding.step in self.sample_steps else "dense"
             self.progress.set_postfix_str(f"step {binding.step + 1} ({measuring})", refresh=True)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None, *args, rotary_emb=None, **kwargs):
-        slot = attn._sparse_vdit_slot
-        if slot.layer is None or self.step_now not in self.sample_steps or self.layout_now is None:
-            rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
-            return slot.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary, *args, **kwargs)
-        layer, layout, step = slot.layer, self.layout_now, self.step_now
-        backend = self.backend or default_backend(hidden_states.device)
+    def _run(self, attn, slot, call_args, kwargs):
+        binding = next(iter(self._bindings.values()))  # calibration binds one transformer
+        layout, step = binding.layout, binding.step
+        if slot.layer is None or step not in self.sample_steps or layout is None:
+            return slot.stock(attn, *call_args, **kwargs)
+        layer = slot.layer
+        backend = self.backend or default_backend(call_args[0].device)
 
         def attend(q, k, v, key_valid=None):
             o = dense_attention(q, k, v, key_valid)
             self._measure(layer, step, layout, q, k, v, o, key_valid, backend)
             return o
 
-        rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
-        return slot.adapter.sparse_forward(attn, attend, hidden_states, encoder_hidden_states, attention_mask,
-                                           rotary, *args, **kwargs)
+        return slot.adapter.sparse_forward(attn, attend, *call_args, **kwargs)
 
     @torch.no_grad()
     def _measure(self, layer, step, layout, q, k, v, o, key_valid, backend):
@@ -290,10 +283,10 @@ def calibrate(
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 ckpt.write_text(json.dumps({**done, "model": model_fingerprint(transformer), "candidates": cand}))
     finally:
+        layout = measurer.layout  # the grid calibrated on, before unbinding forgets it
         measurer.unbind(transformer)
         for name, m in adapter.processor_modules(transformer):
             _set_processor(m, originals[name])
-    layout = measurer.layout_now
 
     def make_plan(budget):
         d = decide(done["records"], cand, base.num_layers, base.num_heads, num_inference_steps, budget)

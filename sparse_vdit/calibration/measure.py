@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import VideoLayout
+from ..integration.processor import _attend, key_order
 from ..ops import BlockSparseMask, block_attention_mass
 
 
@@ -22,8 +23,6 @@ def dense_attention(q, k, v, key_valid=None):
 def head_errors(q, k, v, o_dense, masks: list[BlockSparseMask], order, backend, key_valid=None) -> torch.Tensor:
     """float [C, H]: per candidate mask and head, the relative output error against dense, worst over
     the batch. Rows of padded (invalid) queries are left out."""
-    from ..integration.processor import _attend
-
     ref = o_dense.float()
     if key_valid is not None:
         ref = ref * key_valid[:, :, None, None]
@@ -46,10 +45,9 @@ def block_mass(q, k, layout: VideoLayout, key_valid=None, backend=None) -> torch
     qh, kh = q.transpose(1, 2), k.transpose(1, 2)
     if key_valid is None:
         return block_attention_mass(qh, kh, layout.block_size, token_order=order, backend=backend).mean(0)
-    real, safe = order >= 0, order.clamp(min=0).long()
     per_batch = []
     for b in range(q.shape[0]):
-        kv_order = torch.where(real & key_valid[b][safe], order, torch.full_like(order, -1))
+        kv_order = key_order(order, key_valid[b])
         per_batch.append(block_attention_mass(qh[b:b + 1], kh[b:b + 1], layout.block_size, token_order=order,
                                               kv_token_order=kv_order, backend=backend))
     return torch.cat(per_batch).mean(0)

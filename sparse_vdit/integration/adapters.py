@@ -185,10 +185,7 @@ class HunyuanVideoAdapter(ModelAdapter):
             query = torch.cat([query, eq], dim=1)
             key = torch.cat([key, ek], dim=1)
             value = torch.cat([value, ev], dim=1)
-        key_valid = None
-        if attention_mask is not None:  # [B, 1, 1, N]: True (or an additive 0) = attend to this key
-            flat = attention_mask.reshape(attention_mask.shape[0], -1)
-            key_valid = flat if flat.dtype == torch.bool else flat > torch.finfo(flat.dtype).min / 2
+        key_valid = None if attention_mask is None else key_valid_from_mask(attention_mask)
         out = attend(query, key, value, key_valid=key_valid)
         out = out.flatten(2, 3).to(query.dtype)
         out, enc_out = out[:, :-text], out[:, -text:]
@@ -367,6 +364,13 @@ class MochiAdapter(ModelAdapter):
         if hasattr(attn, "to_add_out"):
             enc_out = attn.to_add_out(enc_out)
         return out, enc_out
+
+
+def key_valid_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, N] from a key mask [B, 1, 1, N] (or [B, N]): True where a key may be attended,
+    whether the mask is boolean (True = keep) or additive (0 = keep, a large negative = drop)."""
+    flat = attention_mask.reshape(attention_mask.shape[0], -1)
+    return flat if flat.dtype == torch.bool else flat > torch.finfo(flat.dtype).min / 2
 
 
 def _mochi_rotary(x, freqs_cos, freqs_sin):

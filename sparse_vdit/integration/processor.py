@@ -49,7 +49,6 @@ class _Binding:
     step: int = 0
     last_t: float | None = None
     scheduler: Any = None  # a pipeline's scheduler, to know the number of steps
-    calls: int = 0
     warned_first_forward: bool = False
     stats: dict[str, int] = field(default_factory=lambda: {"sparse": 0, "dense": 0})
 
@@ -144,6 +143,13 @@ class SparseAttnProcessor:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
+    @property
+    def layout(self) -> VideoLayout | None:
+        """The video layout of the most recent forward (of the transformer bound last), or None."""
+        for binding in reversed(list(self._bindings.values())):
+            return binding.layout
+        return None
+
     def set_num_inference_steps(self, n: int) -> None:
         """Tell the processor the schedule length (needed for a fractional ``dense_steps``)."""
         self.num_inference_steps = int(n)
@@ -169,7 +175,6 @@ class SparseAttnProcessor:
             elif t < binding.last_t:
                 binding.step += 1
             binding.last_t = t
-        binding.calls += 1
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
         warm_up = binding.step < self.plan.dense_step_count(self._num_steps(binding))
@@ -233,8 +238,13 @@ class SparseAttnProcessor:
                 "SparseAttnProcessor is not bound to this model: it binds on the transformer's first "
                 "forward (or call sparse_vdit.apply(pipe, plan))"
             )
+        return self._run(attn, slot, call_args, kwargs)
+
+    def _run(self, attn, slot: _Slot, call_args: tuple, kwargs: dict):
+        """The stock processor where this forward runs dense, else the family's sparse forward."""
         if slot.mask is None:
             return slot.stock(attn, *call_args, **kwargs)
+        hidden_states = call_args[0]
         mask, order, seq_len = slot.mask, slot.order, slot.seq_len
         backend = self.backend or default_backend(hidden_states.device)
 
@@ -257,10 +267,13 @@ def _attend(q, k, v, mask, order, backend, key_valid=None):
         o = block_sparse_attention(qh, kh, vh, mask, token_order=order, backend=backend, check=False)
         return o.transpose(1, 2)
     outs = []
-    real = order >= 0
-    safe = order.clamp(min=0).long()
     for b in range(q.shape[0]):
-        kv_order = torch.where(real & key_valid[b][safe], order, torch.full_like(order, -1))
+        kv_order = key_order(order, key_valid[b])
         outs.append(block_sparse_attention(qh[b:b + 1], kh[b:b + 1], vh[b:b + 1], mask, token_order=order,
                                            kv_token_order=kv_order, backend=backend, check=False))
     return torch.cat(outs).transpose(1, 2)
+
+
+def key_order(order: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """``order`` with the tokens that ``key_valid`` (bool [N], model order) rules out set to -1."""
+    return torch.where((order >= 0) & key_valid[order.clamp(min=0).long()], order, torch.full_like(order, -1))
