@@ -36,7 +36,10 @@ def block_attention_mass(
     Mq, Mk = -(-length // q_block), -(-length // kv_block)
     backend = backend or default_backend(q.device)
     scale = D ** -0.5 if scale is None else float(scale)
-    dense = BlockSparseMask.from_dense(torch.ones(1, 1, Mq, Mk, dtype=torch.bool, device=q.device), (q_block, kv_block))
+    # Every key block for every query block, built directly (no block matrix to sort).
+    dense = BlockSparseMask(torch.full((1, 1, Mq), Mk, dtype=torch.int32, device=q.device),
+                            torch.arange(Mk, dtype=torch.int32, device=q.device).expand(1, 1, Mq, Mk),
+                            q_block, kv_block, Mk)
     # The dense LSE per query (the value input is irrelevant to it: k stands in).
     _, lse = block_sparse_attention(q, k, k, dense, scale=scale, return_lse=True, token_order=token_order,
                                     kv_token_order=kv_token_order, backend=backend if backend != "flex" else "torch")
