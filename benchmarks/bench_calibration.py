@@ -9,7 +9,6 @@ Issue target: <= 10 minutes for Wan2.1-1.3B at 480p x 81 frames with 4 prompts o
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import pathlib
 import time
@@ -18,13 +17,13 @@ import torch
 
 import sparse_vdit as sv
 
+from . import common
 from .bench_e2e import MODELS, TINY, _inputs
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="wan2.1-1.3b-480p", help=f"one of {list(MODELS)}")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--prompts", type=int, default=4)
@@ -32,8 +31,14 @@ def main(argv=None):
     p.add_argument("--no-cfg", dest="cfg", action="store_false", help="one transformer call per step (default: two, as CFG)")
     p.add_argument("--candidates", default="sliding_tile,radial,spatial,temporal")
     p.add_argument("--tile", default="1,8,8")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=None, help="result file (default: benchmarks/results/calibration_<device>.json)")
+
+
+def main(argv=None):
+    return common.cli_main(__doc__, add_arguments, run, argv)
+
+
+def run(args, p):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
         p.error("a real-size model needs a CUDA GPU; use --tiny for a smoke run")
@@ -73,23 +78,14 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     one_generation = time.perf_counter() - dense_t0
-    import triton
-
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     row = {"model": name, "prompts": args.prompts if not args.tiny else 1, "steps": steps, "cfg": args.cfg,
            "sampled_steps": plan.metrics["sampled_steps"], "calibration_s": round(seconds, 1),
            "one_dense_generation_s": round(one_generation, 1), "layout": plan.metrics["layout"],
            "expected_attention_cost": round(plan.metrics["expected_attention_cost"], 4),
            "dense_layers": plan.dense_layers, "dense_steps": plan.dense_steps}
-    meta = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__,
-            "sparse_vdit": sv.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     print(json.dumps(row))
-    slug = "".join(c if c.isalnum() else "-" for c in dev_name.lower()).strip("-")
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"calibration_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": [row]}, indent=1))
-    print(f"results: {out}")
-    return out
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"calibration_{common.device_slug(device)}.json"
+    return common.write_json(out, common.result_meta(device), [row])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ and peak memory. Results go to benchmarks/results/ with the device name. Uses on
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import pathlib
 import statistics
@@ -23,7 +22,9 @@ import torch
 
 import sparse_vdit as sv
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+from . import common
+
+RESULTS = common.RESULTS
 
 MODELS = {
     # name: (diffusers class, config, latent input shape [C, F, H, W], text tokens, text dim)
@@ -90,7 +91,7 @@ def bench_model(name, spec, mask_spec, tile, dense_layers, steps, warmup, reps, 
     dense_ms = _time(run, device, reps)
     dense_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
-    plan = sv.SparsityPlan.uniform(model, mask_spec, tile=tile, dense_layers=dense_layers, dense_steps=0)
+    plan = sv.uniform_plan(model, mask_spec, tile=tile, dense_layers=dense_layers, dense_steps=0)
     proc = sv.apply(model, plan)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -138,8 +139,7 @@ def bench_model(name, spec, mask_spec, tile, dense_layers, steps, warmup, reps, 
     return row
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="*", help=f"subset of {list(MODELS)}")
     p.add_argument("--tiny", action="store_true", help="a tiny Wan config (smoke run, CPU ok)")
     p.add_argument("--mask", default='{"kind": "radial", "dense_frames": 1}', help="mask spec (name or JSON)")
@@ -149,15 +149,16 @@ def main(argv=None):
     p.add_argument("--warmup", type=float, default=0.2, help="fraction of the schedule run dense")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/e2e_<device>.json)")
-    args = p.parse_args(argv)
+
+
+def main(argv=None):
+    return common.cli_main(__doc__, add_arguments, run, argv)
+
+
+def run(args, p):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    models = TINY if args.tiny else MODELS
-    if args.models:
-        unknown = set(args.models) - set(models)
-        if unknown:
-            p.error(f"unknown models {sorted(unknown)}; valid: {list(models)}")
-        models = {k: models[k] for k in args.models}
+    models = common.pick(p, TINY if args.tiny else MODELS, args.models, "models")
     if device.type != "cuda" and not args.tiny:
         p.error("real-size models need a CUDA GPU; use --tiny for a smoke run")
     mask = json.loads(args.mask) if args.mask.lstrip().startswith("{") else args.mask
@@ -165,17 +166,9 @@ def main(argv=None):
     dense_layers = [int(x) for x in args.dense_layers.split(",") if x.strip()]
     rows = [bench_model(n, s, mask, tile if not args.tiny else (1, 4, 4), dense_layers, args.steps, args.warmup,
                         args.reps, device, dtype) for n, s in models.items()]
-    import triton
-
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "sparse_vdit": sv.__version__,
-            "dtype": str(dtype).replace("torch.", ""), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"e2e_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"results: {out}")
-    return out
+    meta = common.result_meta(device, dtype=str(dtype).replace("torch.", ""))
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"e2e_{common.device_slug(device)}.json"
+    return common.write_json(out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import json
 import math
 import pathlib
-import platform
 import statistics
 import time
 
@@ -27,7 +25,9 @@ import torch
 
 import sparse_vdit as sv
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+from . import common
+
+RESULTS = common.RESULTS
 
 SHAPES = {
     # name: (B, H, N, D) -- video tokens (+ text) after patchify, see shared/ENVIRONMENT.md
@@ -37,12 +37,6 @@ SHAPES = {
 }
 QUICK_SHAPES = {"quick-4k": (1, 4, 4096, 128), "quick-2k-d64": (1, 8, 2048, 64)}
 DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 def bench(fn, device: torch.device, reps: int) -> float:
@@ -114,7 +108,7 @@ def _sdpa(q, k, v, be):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-def run(shapes: dict, densities, dtype, block: int, reps: int, with_flex: bool, backend: str | None):
+def sweep(shapes: dict, densities, dtype, block: int, reps: int, with_flex: bool, backend: str | None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     flex_compiled = None
@@ -174,16 +168,10 @@ def run(shapes: dict, densities, dtype, block: int, reps: int, with_flex: bool, 
 
 
 def save(device, rows, tag: str) -> pathlib.Path:
-    import triton
-
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = device_name(device)
-    meta = {
-        "device": name, "torch": torch.__version__, "triton": triton.__version__, "sparse_vdit": sv.__version__,
-        "cuda": torch.version.cuda, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    base = RESULTS / f"kernel_{tag}_{slug}"
+    meta = common.result_meta(device)
+    name = meta["device"]
+    base = RESULTS / f"kernel_{tag}_{common.device_slug(device)}"
     base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     with open(base.with_suffix(".csv"), "w", newline="") as f:
         fields = list(meta) + list(dict.fromkeys(k for r in rows for k in r))
@@ -227,8 +215,7 @@ def plot(rows, path, device: str):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     p.add_argument("--shapes", nargs="*", help=f"subset of {list(SHAPES)}")
     p.add_argument("--densities", nargs="*", type=float, default=list(DENSITIES))
@@ -238,16 +225,17 @@ def main(argv=None):
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--backend", default=None, choices=list(sv.ops.BACKENDS))
     p.add_argument("--tag", default=None, help="name part of the result files")
-    args = p.parse_args(argv)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    if args.shapes:
-        unknown = set(args.shapes) - set(shapes)
-        if unknown:
-            p.error(f"unknown shapes {sorted(unknown)}; valid: {list(shapes)}")
-        shapes = {k: shapes[k] for k in args.shapes}
+
+
+def main(argv=None):
+    return common.cli_main(__doc__, add_arguments, run, argv)
+
+
+def run(args, p):
+    shapes = common.pick(p, QUICK_SHAPES if args.quick else SHAPES, args.shapes, "shapes")
     if not torch.cuda.is_available():
         print("No CUDA device: timings below are CPU timings of the torch backend, not kernel performance.")
-    device, rows = run(shapes, args.densities, getattr(torch, args.dtype), args.block, args.reps,
+    device, rows = sweep(shapes, args.densities, getattr(torch, args.dtype), args.block, args.reps,
                        not args.no_flex, args.backend)
     return save(device, rows, args.tag or ("quick" if args.quick else "sweep"))
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import sparse_vdit as sv
-from sparse_vdit.calibration import block_mass, decide, head_errors, mass_inside, sink_frames
-from sparse_vdit.calibration.measure import dense_attention
-from sparse_vdit.integration.tiny import plant_local_attention, tiny_wan_transformer
-from sparse_vdit.integration.tiny_families import FAMILIES, make
+from sparse_vdit.calibration import decide, layer_attention_mass, head_errors, mass_inside, sink_frames
+from sparse_vdit.ops import dense_attention
+from sparse_vdit.testing import plant_local_attention, tiny_wan_transformer
+from sparse_vdit.testing import FAMILIES, make
 
 CANDIDATES = ["sliding_tile", "temporal", "spatial"]
 
@@ -56,7 +56,7 @@ def test_planted_local_sparse_global_dense(planted_plan):
 
 def test_planted_sink_layer_gets_sink_aware_mask_or_dense():
     """Layer 0 local, layer 1 local plus a first-frame sink every query attends to, layer 2 global."""
-    from sparse_vdit.integration.tiny import plant_sink_frame
+    from sparse_vdit.testing import plant_sink_frame
 
     m = tiny_wan_transformer(num_layers=3)
     plant_local_attention(m, [0, 1], sharpness=8.0)
@@ -147,7 +147,7 @@ def _records_for(q, k, v, layout, candidates, sink_factor=4.0):
     o = dense_attention(q, k, v)
     heads = q.shape[2]
     masks = [sv.masks.build(c, layout, heads=heads) for c in candidates]
-    mass = block_mass(q, k, layout)
+    mass = layer_attention_mass(q, k, layout)
     sinks = sink_frames(mass, layout, sink_factor)
     sink_masks = [sv.masks.build([{"kind": c, "sinks": {"frames": sinks[h]}} if sinks[h] else c
                                   for h in range(heads)], layout) for c in candidates]

@@ -20,9 +20,9 @@ def test_inspect_mask_and_plan(tmp_path, capsys):
 def test_bench_kernel_smoke_on_cpu(tmp_path, monkeypatch):
     """The benchmark harness runs (torch backend, tiny shapes); CPU results are not performance and
     are written to a temporary folder."""
-    from sparse_vdit.cli import _benchmarks_module
+    from sparse_vdit.cli import benchmarks_module
 
-    bench = _benchmarks_module("bench_kernel")
+    bench = benchmarks_module("bench_kernel")
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     monkeypatch.setattr(bench, "QUICK_SHAPES", {"tiny": (1, 2, 256, 64)})
     base = bench.main(["--quick", "--dtype", "float32", "--densities", "1.0", "0.25", "--reps", "3", "--no-flex",
@@ -40,9 +40,9 @@ def test_bench_e2e_tiny_smoke(tmp_path):
     """The end-to-end benchmark harness runs on a tiny model (CPU timings are not performance)."""
     import json
 
-    from sparse_vdit.cli import _benchmarks_module
+    from sparse_vdit.cli import benchmarks_module
 
-    bench = _benchmarks_module("bench_e2e")
+    bench = benchmarks_module("bench_e2e")
     out = bench.main(["--tiny", "--reps", "1", "--steps", "10", "--out", str(tmp_path / "e2e.json")])
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["model"] == "tiny-wan" and 0 < rows[0]["avg_density"] <= 1
@@ -78,8 +78,8 @@ def test_calibrate_cli_tiny_families(family, tmp_path, capsys):
 def test_bench_calibration_tiny_smoke(tmp_path):
     import json
 
-    from sparse_vdit.cli import _benchmarks_module
+    from sparse_vdit.cli import benchmarks_module
 
-    out = _benchmarks_module("bench_calibration").main(["--tiny", "--out", str(tmp_path / "c.json")])
+    out = benchmarks_module("bench_calibration").main(["--tiny", "--out", str(tmp_path / "c.json")])
     row = json.loads(out.read_text())["rows"][0]
     assert row["calibration_s"] > 0 and row["model"] == "tiny-wan"

@@ -6,7 +6,7 @@ import torch._dynamo
 import torch._dynamo.testing
 
 import sparse_vdit as sv
-from sparse_vdit.integration.tiny import tiny_wan_transformer
+from sparse_vdit.testing import tiny_wan_transformer
 
 from .conftest import requires_cuda
 
@@ -17,7 +17,7 @@ def _compiled_run(device, dtype, backend):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 3, 16, 16, generator=g).to(device, dtype)
     e = torch.randn(1, 10, 64, generator=g).to(device, dtype)
-    plan = sv.SparsityPlan.uniform(m, "radial", tile=(1, 4, 4), dense_layers=[-1], dense_steps=1)
+    plan = sv.uniform_plan(m, "radial", tile=(1, 4, 4), dense_layers=[-1], dense_steps=1)
     sv.apply(m, plan)
     steps = (900, 800, 700, 600)
     with torch.no_grad():

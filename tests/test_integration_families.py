@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparse_vdit as sv
-from sparse_vdit.integration.tiny_families import FAMILIES, make
+from sparse_vdit.testing import FAMILIES, make
 
 COVER = {"kind": "sliding_tile", "window": [99, 99, 99]}
 SPARSE = {"kind": "sliding_tile", "window": [1, 1, 1]}
@@ -29,9 +29,9 @@ def test_dense_plan_is_stock(family):
     name, model, call = family
     ref = _run(call, model)
     if name != "mochi":  # MochiAttention has no set_processor: only sv.apply reaches it
-        model.set_attn_processor(sv.SparseAttnProcessor(sv.SparsityPlan.dense(model)))
+        model.set_attn_processor(sv.SparseAttnProcessor(sv.dense_plan(model)))
     else:
-        sv.apply(model, sv.SparsityPlan.dense(model))
+        sv.apply(model, sv.dense_plan(model))
     out = _run(call, model)
     sv.remove(model)
     assert _rel(out, ref) <= 1e-5
@@ -40,14 +40,14 @@ def test_dense_plan_is_stock(family):
 def test_covering_mask_is_stock_and_real_mask_differs(family):
     name, model, call = family
     ref = _run(call, model)
-    proc = sv.apply(model, sv.SparsityPlan.uniform(model, COVER, tile=(1, 4, 4)))
+    proc = sv.apply(model, sv.uniform_plan(model, COVER, tile=(1, 4, 4)))
     out = _run(call, model)
-    stats = next(iter(proc._bindings.values())).stats
+    stats = proc.binding().stats
     sv.remove(model)
     layers, _ = sv.integration.attention_shape(model)
     assert stats["sparse"] == layers, stats  # every sparse-eligible layer took the sparse path
     assert _rel(out, ref) <= 1e-5
-    sv.apply(model, sv.SparsityPlan.uniform(model, SPARSE, tile=(1, 4, 4)))
+    sv.apply(model, sv.uniform_plan(model, SPARSE, tile=(1, 4, 4)))
     out = _run(call, model)
     sv.remove(model)
     assert torch.isfinite(out).all()
@@ -58,9 +58,9 @@ def test_two_resolutions_then_remove(family):
     name, model, call = family
     grids = [(2, 8, 8), (3, 6, 10)]  # the second does not divide by the 4x4 tile
     refs = [_run(call, model, grid=g) for g in grids]
-    proc = sv.apply(model, sv.SparsityPlan.uniform(model, COVER, tile=(1, 4, 4)))
+    proc = sv.apply(model, sv.uniform_plan(model, COVER, tile=(1, 4, 4)))
     outs = [_run(call, model, grid=g) for g in grids]
-    seen = {(lay.frames, lay.height, lay.width) for _, lay, _ in proc._mask_cache}
+    seen = {(lay.frames, lay.height, lay.width) for lay in proc.cached_layouts()}
     sv.remove(model)
     assert seen == set(grids)
     for o, r in zip(outs, refs):
@@ -70,7 +70,7 @@ def test_two_resolutions_then_remove(family):
 
 
 def test_key_mask_boolean_or_additive():
-    from sparse_vdit.integration.adapters import key_valid_from_mask
+    from sparse_vdit.integration import key_valid_from_mask
 
     keep = torch.tensor([[True, True, False], [True, False, False]])
     assert torch.equal(key_valid_from_mask(keep[:, None, None, :]), keep)
@@ -82,7 +82,7 @@ def test_key_mask_boolean_or_additive():
 def test_plan_for_another_family_is_refused():
     wan, _ = make("wan")
     cog, _ = make("cogvideox")
-    plan = sv.SparsityPlan.uniform(wan, "radial")
+    plan = sv.uniform_plan(wan, "radial")
     with pytest.raises(ValueError, match="model class: plan WanTransformer3DModel, model CogVideoXTransformer3DModel"):
         sv.apply(cog, plan)
 
@@ -101,7 +101,7 @@ def test_gpu_bf16_covering_mask_close_to_stock(name):
 
     torch.manual_seed(0)
     ref = run()
-    sv.apply(model, sv.SparsityPlan.uniform(model, COVER, tile=(1, 4, 4)))
+    sv.apply(model, sv.uniform_plan(model, COVER, tile=(1, 4, 4)))
     torch.manual_seed(0)
     out = run()
     sv.remove(model)

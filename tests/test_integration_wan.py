@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparse_vdit as sv
-from sparse_vdit.integration.tiny import plant_local_attention, tiny_wan_pipeline, tiny_wan_transformer
+from sparse_vdit.testing import plant_local_attention, tiny_wan_pipeline, tiny_wan_transformer
 
 
 def _inputs(B=2, frames=4, size=16, seed=0):
@@ -34,7 +34,7 @@ def _rel(a, b):
 def test_dense_plan_equals_stock(model):
     x, e = _inputs()
     ref = _run(model, x, e)
-    model.set_attn_processor(sv.SparseAttnProcessor(sv.SparsityPlan.dense(model)))
+    model.set_attn_processor(sv.SparseAttnProcessor(sv.dense_plan(model)))
     try:
         out = _run(model, x, e)
     finally:
@@ -45,13 +45,13 @@ def test_dense_plan_equals_stock(model):
 def test_covering_window_equals_dense_and_real_mask_differs(model):
     x, e = _inputs()
     ref = _run(model, x, e)
-    cover = sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [99, 99, 99]}, tile=(1, 4, 4))
+    cover = sv.uniform_plan(model, {"kind": "sliding_tile", "window": [99, 99, 99]}, tile=(1, 4, 4))
     proc = sv.apply(model, cover)
     out = _run(model, x, e)
-    assert proc._bindings and next(iter(proc._bindings.values())).stats["sparse"] == 3
+    assert proc.bindings and proc.binding().stats["sparse"] == 3
     sv.remove(model)
     assert _rel(out, ref) <= 1e-5
-    sparse = sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [1, 1, 1]}, tile=(1, 4, 4))
+    sparse = sv.uniform_plan(model, {"kind": "sliding_tile", "window": [1, 1, 1]}, tile=(1, 4, 4))
     sv.apply(model, sparse)
     out = _run(model, x, e)
     sv.remove(model)
@@ -60,13 +60,13 @@ def test_covering_window_equals_dense_and_real_mask_differs(model):
 
 
 def test_two_resolutions_in_a_row_and_remove_restores(model):
-    plan = sv.SparsityPlan.uniform(model, "radial", tile=(1, 4, 4))
+    plan = sv.uniform_plan(model, "radial", tile=(1, 4, 4))
     x1, e1 = _inputs(B=1, frames=3, size=16)
     x2, e2 = _inputs(B=2, frames=5, size=24)  # 12x12 tokens per frame: not a multiple of the tile
     ref1, ref2 = _run(model, x1, e1), _run(model, x2, e2)
     proc = sv.apply(model, plan)
     o1, o2 = _run(model, x1, e1), _run(model, x2, e2)
-    layouts = {k[1] for k in proc._mask_cache}
+    layouts = set(proc.cached_layouts())
     assert {(lay.frames, lay.height, lay.width) for lay in layouts} == {(3, 8, 8), (5, 12, 12)}
     assert torch.isfinite(o1).all() and torch.isfinite(o2).all()
     sv.remove(model)
@@ -78,10 +78,10 @@ def test_sparse_path_matches_layout_reference(model):
     """The processor's sparse output equals the model run with a reference attention restricted to
     the same token pairs (float64 reference on the layer's q, k, v)."""
     x, e = _inputs(B=1, frames=3, size=16)
-    plan = sv.SparsityPlan.uniform(model, "temporal", tile=(1, 4, 4))
+    plan = sv.uniform_plan(model, "temporal", tile=(1, 4, 4))
     proc = sv.apply(model, plan)
     captured = {}
-    adapter = next(iter(proc._bindings.values())).adapter
+    adapter = proc.binding().adapter
     real = adapter.sparse_forward
 
     def spy(attn, attend, hidden_states, *a, **k):
@@ -108,9 +108,9 @@ def test_sparse_path_matches_layout_reference(model):
 
 def test_dense_steps_follow_timesteps(model):
     x, e = _inputs(B=1, frames=2, size=16)
-    plan = sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [1, 1, 1]}, tile=(1, 4, 4), dense_steps=2)
+    plan = sv.uniform_plan(model, {"kind": "sliding_tile", "window": [1, 1, 1]}, tile=(1, 4, 4), dense_steps=2)
     proc = sv.apply(model, plan)
-    b = next(iter(proc._bindings.values()))
+    b = proc.binding()
     seen = []
     for t in (999, 999, 800, 600, 600, 400, 999):  # repeated t = CFG's second call; 999 again = new generation
         before = b.stats["sparse"]
@@ -122,7 +122,7 @@ def test_dense_steps_follow_timesteps(model):
 
 def test_fractional_dense_steps_need_the_step_count(model):
     x, e = _inputs(B=1, frames=2, size=16)
-    plan = sv.SparsityPlan.uniform(model, "radial", tile=(1, 4, 4), dense_steps=0.2)
+    plan = sv.uniform_plan(model, "radial", tile=(1, 4, 4), dense_steps=0.2)
     sv.apply(model, plan)
     try:
         with pytest.raises(ValueError, match="number of steps is unknown"):
@@ -132,7 +132,7 @@ def test_fractional_dense_steps_need_the_step_count(model):
 
 
 def test_plan_json_round_trip_and_errors(model, tmp_path):
-    plan = sv.SparsityPlan.uniform(model, {"kind": "radial", "sinks": {"frames": [0]}}, dense_layers=[-1], dense_steps=0.25)
+    plan = sv.uniform_plan(model, {"kind": "radial", "sinks": {"frames": [0]}}, dense_layers=[-1], dense_steps=0.25)
     path = plan.save(tmp_path / "p.json")
     data = json.loads(path.read_text())
     assert data["version"] == 1 and data["model"]["class"] == "WanTransformer3DModel"
@@ -150,11 +150,11 @@ def test_plan_json_round_trip_and_errors(model, tmp_path):
     with pytest.raises(ValueError, match="version 99"):
         sv.SparsityPlan.load(tmp_path / "v.json")
     with pytest.raises(ValueError, match="dense_layers"):
-        sv.SparsityPlan.uniform(model, "radial", dense_layers=[7])
+        sv.uniform_plan(model, "radial", dense_layers=[7])
     with pytest.raises(ValueError, match="unknown mask kind"):
-        sv.SparsityPlan.uniform(model, "diagonal")
+        sv.uniform_plan(model, "diagonal")
     with pytest.raises(ValueError, match="not a supported transformer"):
-        sv.SparsityPlan.uniform(torch.nn.Linear(2, 2), "radial")
+        sv.uniform_plan(torch.nn.Linear(2, 2), "radial")
 
 
 def test_whole_pipeline_with_plan():
@@ -169,9 +169,9 @@ def test_whole_pipeline_with_plan():
                         output_type="pt").frames
 
     dense = gen()
-    proc = sv.apply(pipe, sv.SparsityPlan.uniform(pipe.transformer, "sliding_tile", tile=(1, 4, 4), dense_steps=0.25))
+    proc = sv.apply(pipe, sv.uniform_plan(pipe.transformer, "sliding_tile", tile=(1, 4, 4), dense_steps=0.25))
     sparse = gen()
-    stats = next(iter(proc._bindings.values())).stats
+    stats = proc.binding().stats
     sv.remove(pipe)
     assert torch.isfinite(sparse).all() and sparse.shape == dense.shape
     assert stats["sparse"] == 4 * 3 * 2  # 4 layers x 3 sparse steps (1 of 4 dense) x 2 CFG calls
@@ -184,7 +184,7 @@ def test_set_attn_processor_binds_on_first_forward_called_by_keyword(model):
     first forward (which runs dense, with a warning when the plan has no dense warm-up) and follows
     the plan from the next forward on."""
     x, e = _inputs(B=1, frames=2, size=16)
-    plan = sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [1, 1, 1]}, tile=(1, 4, 4))
+    plan = sv.uniform_plan(model, {"kind": "sliding_tile", "window": [1, 1, 1]}, tile=(1, 4, 4))
     proc = sv.SparseAttnProcessor(plan)
     model.set_attn_processor(proc)
 
@@ -196,7 +196,7 @@ def test_set_attn_processor_binds_on_first_forward_called_by_keyword(model):
         with pytest.warns(UserWarning, match="first forward"):
             first = fwd(900)
         second = fwd(900)
-        stats = next(iter(proc._bindings.values())).stats
+        stats = proc.binding().stats
     finally:
         sv.remove(model)
     assert stats["sparse"] == 3  # the second forward only
@@ -211,9 +211,9 @@ def test_wan_i2v_image_cross_attention_stays_stock():
     img = torch.randn(1, 257, 48, generator=g)
     with torch.no_grad():
         ref = m(x, torch.tensor([900]), e, encoder_hidden_states_image=img).sample
-        proc = sv.apply(m, sv.SparsityPlan.uniform(m, {"kind": "sliding_tile", "window": [99, 99, 99]}, tile=(1, 4, 4)))
+        proc = sv.apply(m, sv.uniform_plan(m, {"kind": "sliding_tile", "window": [99, 99, 99]}, tile=(1, 4, 4)))
         out = m(x, torch.tensor([900]), e, encoder_hidden_states_image=img).sample
-        stats = next(iter(proc._bindings.values())).stats
+        stats = proc.binding().stats
         sv.remove(m)
     assert stats["sparse"] == 2 and _rel(out, ref) <= 1e-5
 
@@ -223,16 +223,16 @@ def test_wan22_second_transformer_needs_its_own_plan():
 
     t1, t2 = tiny_wan_transformer(num_layers=2, seed=1), tiny_wan_transformer(num_layers=3, seed=2)
     pipe = SimpleNamespace(transformer=t1, transformer_2=t2, scheduler=None)
-    p1 = sv.SparsityPlan.uniform(t1, "radial", tile=(1, 4, 4))
-    p2 = sv.SparsityPlan.uniform(t2, "sliding_tile", tile=(1, 4, 4))
+    p1 = sv.uniform_plan(t1, "radial", tile=(1, 4, 4))
+    p2 = sv.uniform_plan(t2, "sliding_tile", tile=(1, 4, 4))
     with pytest.raises(ValueError, match="transformer_2"):
         sv.apply(pipe, p1)
-    procs = sv.apply(pipe, {"transformer": p1, "transformer_2": p2})
+    procs = list(sv.apply(pipe, {"transformer": p1, "transformer_2": p2}).values())
     assert [p.plan for p in procs] == [p1, p2]
     x, e = _inputs(B=1, frames=2, size=16)
     outs = [_run(t, x, e) for t in (t1, t2)]
     assert all(torch.isfinite(o).all() for o in outs)
-    assert all(next(iter(p._bindings.values())).stats["sparse"] == n for p, n in zip(procs, (2, 3)))
+    assert all(p.binding().stats["sparse"] == n for p, n in zip(procs, (2, 3)))
     sv.remove(pipe)
     assert not any(isinstance(getattr(m, "processor", None), sv.SparseAttnProcessor)
                    for t in (t1, t2) for m in t.modules())
@@ -240,19 +240,19 @@ def test_wan22_second_transformer_needs_its_own_plan():
 
 def test_apply_twice_replaces_the_earlier_plan(model):
     x, e = _inputs(B=1, frames=2, size=16)
-    first = sv.apply(model, sv.SparsityPlan.uniform(model, "temporal", tile=(1, 4, 4)))
-    second = sv.apply(model, sv.SparsityPlan.uniform(model, {"kind": "sliding_tile", "window": [99, 99, 99]}, tile=(1, 4, 4)))
+    first = sv.apply(model, sv.uniform_plan(model, "temporal", tile=(1, 4, 4)))
+    second = sv.apply(model, sv.uniform_plan(model, {"kind": "sliding_tile", "window": [99, 99, 99]}, tile=(1, 4, 4)))
     out = _run(model, x, e)
-    assert not first._bindings and len(model._forward_pre_hooks) == 1
+    assert not first.bindings and len(model._forward_pre_hooks) == 1
     sv.remove(model)
     ref = _run(model, x, e)
-    assert _rel(out, ref) <= 1e-5 and not second._bindings
+    assert _rel(out, ref) <= 1e-5 and not second.bindings
 
 
 @pytest.mark.parametrize("metrics", [{}, {"per_head": [[{"chosen": "dense"}] * 4] * 3},
                                      {"a": 1, "per_head": [[{"chosen": "dense"}] * 4] * 3, "records": [1]}])
 def test_plan_file_is_valid_json_for_any_metrics(model, tmp_path, metrics):
-    plan = sv.SparsityPlan.uniform(model, "radial")
+    plan = sv.uniform_plan(model, "radial")
     plan.metrics = metrics
     again = sv.SparsityPlan.load(plan.save(tmp_path / "p.json"))
     assert again.metrics == {k: v for k, v in metrics.items() if k != "records"}

@@ -1,6 +1,8 @@
 """Calibration: measure each head's output error under candidate masks and choose per-head masks."""
-from .calibrate import DEFAULT_CANDIDATES, calibrate, decide
-from .measure import block_mass, head_errors, mass_inside, sink_frames
+from .calibrate import DEFAULT_CANDIDATES, MeasuringAttention, calibrate, decide
+from .measure import (LayerMeasurement, head_errors, layer_attention_mass, mass_inside, option_names, sink_frames,
+                      top_key_share)
 from .report import save_report
 
-__all__ = ["DEFAULT_CANDIDATES", "block_mass", "calibrate", "decide", "head_errors", "mass_inside", "save_report", "sink_frames"]
+__all__ = ["DEFAULT_CANDIDATES", "LayerMeasurement", "MeasuringAttention", "calibrate", "decide", "head_errors",
+           "layer_attention_mass", "mass_inside", "option_names", "save_report", "sink_frames", "top_key_share"]

@@ -17,59 +17,58 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..integration import AttentionStrategy, LayerSlot, SparseAttnProcessor, adapter_for, apply, dense_plan, remove
 from ..masks import block_matrix, normalize_spec, sink_blocks, spec_name
-from ..ops import BlockSparseMask, default_backend
+from ..ops import BlockSparseMask, default_backend, dense_attention
 from ..plan import SparsityPlan, model_fingerprint
-from ..integration.adapters import adapter_for
-from ..integration.processor import SparseAttnProcessor
-from .measure import block_mass, dense_attention, head_errors, mass_inside, sink_frames
+from .measure import (LayerMeasurement, head_errors, layer_attention_mass, mass_inside, option_names, sink_frames,
+                      top_key_share)
 
 DEFAULT_CANDIDATES = ("sliding_tile", "radial", "spatial", "temporal")
 WARMUP_CHOICES = (0.0, 0.1, 0.2, 0.3)
+_MAX_CACHED = 256  # candidate / sink-aware mask sets kept at once
 
 
-class _Measurer(SparseAttnProcessor):
-    """Runs every attention call dense; at sampled steps also measures the candidates."""
+class MeasuringAttention(AttentionStrategy):
+    """Dense attention in every sparse-eligible layer at the sampled steps, which also measures each
+    candidate (and its sink-aware variant) on the call's own q, k and v. Elsewhere the stock
+    processors run."""
 
-    def __init__(self, plan: SparsityPlan, candidates: list[dict], sample_steps: set[int], backend, sink_factor):
-        super().__init__(plan, backend=backend)
+    def __init__(self, candidates: list[dict], sample_steps: set[int], backend, sink_factor):
         self.candidates = candidates
+        self.options = option_names(candidates)
         self.sample_steps = sample_steps
+        self.backend = backend
         self.sink_factor = sink_factor
-        self.records: list[dict] = []  # one per (sampled call, layer)
+        self.records: list[LayerMeasurement] = []  # one per (sampled call, layer)
         self._cand_masks: dict[tuple, tuple] = {}
         self._sink_masks: dict[tuple, BlockSparseMask] = {}
         self.progress = None  # a tqdm bar whose postfix shows the step being run
 
-    def _on_forward(self, binding, model, args, kwargs):
-        super()._on_forward(binding, model, args, kwargs)
+    def on_forward(self, binding) -> None:
         if self.progress is not None:
             measuring = "measuring" if binding.step in self.sample_steps else "dense"
             self.progress.set_postfix_str(f"step {binding.step + 1} ({measuring})", refresh=True)
 
-    def _run(self, attn, slot, call_args, kwargs):
-        binding = next(iter(self._bindings.values()))  # calibration binds one transformer
-        layout, step = binding.layout, binding.step
-        if slot.layer is None or step not in self.sample_steps or layout is None:
-            return slot.stock(attn, *call_args, **kwargs)
-        layer = slot.layer
-        backend = self.backend or default_backend(call_args[0].device)
+    def runs(self, slot: LayerSlot) -> bool:
+        return slot.layer is not None and slot.layout is not None and slot.step in self.sample_steps
 
-        def attend(q, k, v, key_valid=None):
-            o = dense_attention(q, k, v, key_valid)
-            self._measure(layer, step, layout, q, k, v, o, key_valid, backend)
-            return o
-
-        return slot.adapter.sparse_forward(attn, attend, *call_args, **kwargs)
+    def attend(self, q, k, v, slot: LayerSlot, key_valid=None):
+        o = dense_attention(q, k, v, key_valid=key_valid)
+        self._measure(slot.layer, slot.step, slot.layout, q, k, v, o, key_valid,
+                      self.backend or default_backend(q.device))
+        return o
 
     @torch.no_grad()
     def _measure(self, layer, step, layout, q, k, v, o, key_valid, backend):
         device = q.device
         heads = q.shape[2]
-        mass = block_mass(q, k, layout, key_valid, backend=backend)
+        mass = layer_attention_mass(q, k, layout, key_valid, backend=backend)
         sinks = sink_frames(mass, layout, self.sink_factor)
         key = (layout, str(device), heads)
         if key not in self._cand_masks:
+            if len(self._cand_masks) >= _MAX_CACHED:
+                self._cand_masks.clear()
             blocks = [block_matrix(c, layout).to(device) for c in self.candidates]
             masks = [BlockSparseMask.from_dense(b.expand(heads, -1, -1), layout.block_size) for b in blocks]
             self._cand_masks[key] = (blocks, masks)
@@ -82,21 +81,21 @@ class _Measurer(SparseAttnProcessor):
             sink_errors = head_errors(q, k, v, o, sink_masks, order, backend, key_valid)
         else:  # no sinks found: the sink-aware variants are the candidates themselves
             sink_masks, sink_errors = masks, errors
-        all_masks = masks + sink_masks
+        all_masks = masks + sink_masks  # the order of option_names
         inside = torch.stack([mass_inside(mass, m) for m in all_masks])  # [2C, H]
-        received = mass.mean(dim=1)  # [H, Mk]
-        top = received.topk(max(1, received.shape[1] // 100), dim=-1).values.sum(-1) / received.sum(-1).clamp(min=1e-12)
-        self.records.append({
-            "layer": layer, "step": step,
-            "errors": torch.cat([errors, sink_errors]).cpu().tolist(), "mass_inside": inside.cpu().tolist(),
-            "sink_frames": sinks, "top1pct_key_mass": top.cpu().tolist(),
-            "densities": [m.head_density().tolist() for m in all_masks],
-        })
+        self.records.append(LayerMeasurement(
+            layer=layer, step=step, options=self.options,
+            errors=torch.cat([errors, sink_errors]).cpu().tolist(),
+            densities=[m.head_density().tolist() for m in all_masks], sink_frames=sinks,
+            mass_inside=inside.cpu().tolist(), top1pct_key_mass=top_key_share(mass).cpu().tolist(),
+        ))
 
     def _with_sinks(self, blocks, sinks, layout, device):
         """A candidate's block matrix with each head's sink-frame key blocks added (cached)."""
         key = (id(blocks), layout, tuple(map(tuple, sinks)))
         if key not in self._sink_masks:
+            if len(self._sink_masks) >= _MAX_CACHED:
+                self._sink_masks.clear()
             per_head = blocks.expand(len(sinks), -1, -1).clone()
             for h, frames in enumerate(sinks):
                 if frames:
@@ -118,7 +117,12 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
     Returns {"heads": [[spec]], "dense_steps": float, "dense_layers": [...], "per_head": [...]}.
     """
     C = len(candidates)
-    options = [(c, False) for c in range(C)] + [(c, True) for c in range(C)]
+    options = [(c, False) for c in range(C)] + [(c, True) for c in range(C)]  # the order of option_names
+    names = option_names(candidates)
+    records = [r if isinstance(r, LayerMeasurement) else LayerMeasurement.from_dict(r, names) for r in records]
+    for r in records:
+        if r.options != names:
+            raise ValueError(f"record of layer {r.layer} measured options {r.options}, not {names}")
     best = None
     for warm in warmup_choices:
         first = math.ceil(warm * num_steps)
@@ -126,11 +130,11 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
         density = torch.ones(num_layers, len(options), num_heads)
         seen = torch.zeros(num_layers, dtype=torch.bool)
         for r in records:
-            if r["step"] < first:
+            if r.step < first:
                 continue
-            seen[r["layer"]] = True
-            worst[r["layer"]] = torch.maximum(worst[r["layer"]], torch.tensor(r["errors"]))
-            density[r["layer"]] = torch.tensor(r["densities"])
+            seen[r.layer] = True
+            worst[r.layer] = torch.maximum(worst[r.layer], torch.tensor(r.errors))
+            density[r.layer] = torch.tensor(r.densities)
         if not seen.all():
             continue  # a warm-up that leaves layers unmeasured cannot be judged
         ok = worst <= error_budget
@@ -161,10 +165,7 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
                 "chosen": spec_name(spec),
                 "density": float(density[layer, int(choice[layer, h]), h]) if spec["kind"] != "dense" else 1.0,
                 "error": float(worst[layer, int(choice[layer, h]), h]) if spec["kind"] != "dense" else 0.0,
-                "worst_error_by_option": {
-                    spec_name(candidates[c]) + ("+sinks" if s else ""): float(worst[layer, i, h])
-                    for i, (c, s) in enumerate(options)
-                },
+                "worst_error_by_option": {names[i]: float(worst[layer, i, h]) for i in range(len(options))},
             })
         heads.append(row)
         per_head.append(info)
@@ -176,8 +177,8 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
 def _sinks_of(records, layer, head) -> list[int]:
     frames: set[int] = set()
     for r in records:
-        if r["layer"] == layer:
-            frames.update(r["sink_frames"][head])
+        if r.layer == layer:
+            frames.update(r.sink_frames[head])
     return sorted(frames)
 
 
@@ -253,40 +254,42 @@ def calibrate(
     else:
         num_prompts = int(pipe_kwargs.pop("num_prompts", 1))
     steps = _sample_steps(num_inference_steps, sample_steps)
-    base = SparsityPlan.dense(transformer, tile=tile)
+    base = dense_plan(transformer, tile=tile)
     done: dict[str, Any] = {"records": [], "prompts_done": 0}
     ckpt = pathlib.Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
-        done = json.loads(ckpt.read_text())
+        try:
+            done = json.loads(ckpt.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"calibration checkpoint {ckpt} is not valid JSON ({e}); remove it to start over") from None
         if done.get("model") != model_fingerprint(transformer) or done.get("candidates") != cand:
             raise ValueError(f"checkpoint {ckpt} was made for another model or candidate set; remove it to start over")
-    measurer = _Measurer(base, cand, set(steps), backend, sink_factor)
-    from ..integration.api import _set_processor
-
-    adapter = adapter_for(transformer)
-    originals = {n: m.processor for n, m in adapter.processor_modules(transformer)}
-    measurer.bind(transformer, scheduler=getattr(target, "scheduler", None))
-    for _, m in adapter.processor_modules(transformer):
-        _set_processor(m, measurer)
+    measurer = MeasuringAttention(cand, set(steps), backend, sink_factor)
+    # A sparse plan already applied is put back afterwards.
+    previous = next((m.processor for _, m in adapter_for(transformer).processor_modules(transformer)
+                     if isinstance(m.processor, SparseAttnProcessor)), None)
+    proc = apply(transformer, base, backend=backend, attention=measurer)
+    if getattr(target, "scheduler", None) is not None:
+        proc.bind(transformer, scheduler=target.scheduler)
     t0 = time.perf_counter()
     try:
         bar = tqdm(range(done["prompts_done"], num_prompts), desc="calibrating", disable=not progress,
                    initial=done["prompts_done"], total=num_prompts, unit="prompt")
         measurer.progress = bar if progress else None
         for i in bar:
-            measurer.reset()
+            proc.reset()
             measurer.records = []
             run(target, i)
-            done["records"].extend(measurer.records)
+            done["records"].extend(r.to_dict() for r in measurer.records)
             done["prompts_done"] = i + 1
             if ckpt is not None:
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 ckpt.write_text(json.dumps({**done, "model": model_fingerprint(transformer), "candidates": cand}))
     finally:
-        layout = measurer.layout  # the grid calibrated on, before unbinding forgets it
-        measurer.unbind(transformer)
-        for name, m in adapter.processor_modules(transformer):
-            _set_processor(m, originals[name])
+        layout = proc.layout  # the grid calibrated on, before removing forgets it
+        remove(transformer)
+        if previous is not None:
+            apply(transformer, previous.plan, backend=previous.backend, attention=previous.attention)
 
     def make_plan(budget):
         d = decide(done["records"], cand, base.num_layers, base.num_heads, num_inference_steps, budget)
@@ -324,8 +327,6 @@ def _fit_global_budget(target, transformer, run, held_out, plan, make_plan, erro
                        shrink: float = 0.6, tries: int = 6):
     """Check the plan's end-to-end error on the held-out prompt ``held_out``; tighten the per-head
     budget (re-deciding from the same measurements) until the relative output error fits."""
-    from ..integration.api import apply, remove
-
     reference = _output_tensor(run(target, held_out)).float()
     budget = error_budget
     history = []
@@ -343,7 +344,7 @@ def _fit_global_budget(target, transformer, run, held_out, plan, make_plan, erro
         budget *= shrink
         plan = make_plan(budget)
     else:
-        plan = SparsityPlan.dense(transformer, tile=plan.tile)  # nothing sparse fits: stay dense
+        plan = dense_plan(transformer, tile=plan.tile)  # nothing sparse fits: stay dense
         plan.metrics["records"] = []
     plan.metrics["global_budget"] = {"budget": global_budget, "held_out_prompt": held_out, "history": history}
     return plan

@@ -1,35 +1,69 @@
-"""Measurements behind calibration, on one attention call's q, k, v (no N x N matrix is kept).
+"""Measurements behind calibration, on one attention call's q, k, v (no N x N matrix is kept), and
+the typed record they go into.
 
 - :func:`head_errors`: relative error ||O_mask - O_dense|| / ||O_dense|| per head for each candidate mask.
-- :func:`block_mass`: attention mass at block level, [H, Mq, Mk] (``ops.block_attention_mass``).
+- :func:`layer_attention_mass`: attention mass at block level, [H, Mq, Mk] (``ops.attention_mass``).
 - :func:`sink_frames`: the frames whose key blocks take far more than their share of attention.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
 import torch
 
-from ..masks import VideoLayout
-from ..integration.processor import _attend, key_order
-from ..ops import BlockSparseMask, block_attention_mass
+from ..masks import VideoLayout, spec_name
+from ..ops import BlockSparseMask, attention_mass, sparse_attention
 
 
-def dense_attention(q, k, v, key_valid=None):
-    """Dense attention on [B, N, H, D] (the reference the candidates are judged against)."""
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    attn_mask = None if key_valid is None else key_valid[:, None, None, :]
-    return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask).transpose(1, 2)
+def option_names(candidates: list[dict]) -> list[str]:
+    """The options calibration measures per head, in record order: every candidate, then every
+    candidate with the head's sink frames added."""
+    names = [spec_name(c) for c in candidates]
+    return names + [n + "+sinks" for n in names]
+
+
+@dataclass
+class LayerMeasurement:
+    """What one sampled attention call of one layer measured, per option (see :func:`option_names`)
+    and head. JSON-able through :meth:`to_dict` / :meth:`from_dict`."""
+
+    layer: int
+    step: int
+    options: list[str]
+    errors: list[list[float]]  # [option][head]: relative output error against dense
+    densities: list[list[float]]  # [option][head]: fraction of key blocks visited
+    sink_frames: list[list[int]]  # [head]
+    mass_inside: list[list[float]] = field(default_factory=list)  # [option][head]
+    top1pct_key_mass: list[float] = field(default_factory=list)  # [head]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], options: list[str] | None = None) -> "LayerMeasurement":
+        """From a record dict; one without ``options`` (hand-made) is taken to follow ``options``."""
+        if not isinstance(d, dict) or not {"layer", "step", "errors", "densities", "sink_frames"} <= set(d):
+            raise ValueError(f"a calibration record needs layer, step, errors, densities and sink_frames; got {d!r:.200}")
+        opts = d.get("options", options)
+        if opts is None or len(opts) != len(d["errors"]):
+            raise ValueError(f"record of layer {d['layer']} step {d['step']} has {len(d['errors'])} option rows, "
+                             f"expected options {opts}")
+        return cls(layer=int(d["layer"]), step=int(d["step"]), options=list(opts), errors=d["errors"],
+                   densities=d["densities"], sink_frames=d["sink_frames"], mass_inside=d.get("mass_inside", []),
+                   top1pct_key_mass=d.get("top1pct_key_mass", []))
 
 
 def head_errors(q, k, v, o_dense, masks: list[BlockSparseMask], order, backend, key_valid=None) -> torch.Tensor:
     """float [C, H]: per candidate mask and head, the relative output error against dense, worst over
-    the batch. Rows of padded (invalid) queries are left out."""
+    the batch. q, k, v, o_dense: [B, N, H, D]. Rows of padded (invalid) queries are left out."""
     ref = o_dense.float()
     if key_valid is not None:
         ref = ref * key_valid[:, :, None, None]
     ref_norm = ref.pow(2).sum(dim=(1, 3)).sqrt().clamp(min=1e-12)  # [B, H]
     out = []
     for mask in masks:
-        o = _attend(q, k, v, mask, order, backend, key_valid).float()
+        o = sparse_attention(q, k, v, mask, order, key_valid=key_valid, backend=backend).float()
         if key_valid is not None:
             o = o * key_valid[:, :, None, None]
         err = (o - ref).pow(2).sum(dim=(1, 3)).sqrt() / ref_norm  # [B, H]
@@ -38,19 +72,11 @@ def head_errors(q, k, v, o_dense, masks: list[BlockSparseMask], order, backend, 
 
 
 @torch.no_grad()
-def block_mass(q, k, layout: VideoLayout, key_valid=None, backend=None) -> torch.Tensor:
+def layer_attention_mass(q, k, layout: VideoLayout, key_valid=None, backend=None) -> torch.Tensor:
     """float [H, Mq, Mk]: mean attention probability mass each query block gives each key block
     (rows sum to 1), averaged over the batch. q, k: [B, N, H, D] in model order."""
-    order = layout.token_order(q.device)
-    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
-    if key_valid is None:
-        return block_attention_mass(qh, kh, layout.block_size, token_order=order, backend=backend).mean(0)
-    per_batch = []
-    for b in range(q.shape[0]):
-        kv_order = key_order(order, key_valid[b])
-        per_batch.append(block_attention_mass(qh[b:b + 1], kh[b:b + 1], layout.block_size, token_order=order,
-                                              kv_token_order=kv_order, backend=backend))
-    return torch.cat(per_batch).mean(0)
+    return attention_mass(q, k, layout.block_size, layout.token_order(q.device), key_valid=key_valid,
+                          backend=backend).mean(0)
 
 
 def sink_frames(mass: torch.Tensor, layout: VideoLayout, factor: float = 4.0) -> list[list[int]]:
@@ -76,4 +102,12 @@ def mass_inside(mass: torch.Tensor, mask: BlockSparseMask) -> torch.Tensor:
     return (mass * dense).sum(dim=(1, 2)) / mass.sum(dim=(1, 2)).clamp(min=1e-12)
 
 
-__all__ = ["block_mass", "dense_attention", "head_errors", "mass_inside", "sink_frames"]
+def top_key_share(mass: torch.Tensor, fraction: float = 0.01) -> torch.Tensor:
+    """float [H]: the share of all attention that the top ``fraction`` of key blocks receive."""
+    received = mass.mean(dim=1)  # [H, Mk]
+    top = received.topk(max(1, int(received.shape[1] * fraction)), dim=-1).values.sum(-1)
+    return top / received.sum(-1).clamp(min=1e-12)
+
+
+__all__ = ["LayerMeasurement", "head_errors", "layer_attention_mass", "mass_inside", "option_names", "sink_frames",
+           "top_key_share"]

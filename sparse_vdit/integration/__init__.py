@@ -1,9 +1,25 @@
-"""diffusers integration: the processor, the hook that learns grid and step, one adapter per family."""
-from ..plan import register_attention_shape_resolver
-from .adapters import ADAPTERS, ModelAdapter, adapter_for, attention_shape
-from .api import apply, load_pipeline, remove
-from .processor import SparseAttnProcessor
+"""diffusers integration: the processor and its attention strategies, the hook that learns grid and
+step, one adapter per family, ``apply`` / ``remove`` and the model-aware plan constructors."""
+from .adapters import ADAPTERS, ModelAdapter, adapter_for, attention_shape, check_plan, key_valid_from_mask
+from .api import apply, dense_plan, load_pipeline, remove, set_module_processor, uniform_plan
+from .processor import AttentionStrategy, Binding, LayerSlot, SparseAttention, SparseAttnProcessor
 
-register_attention_shape_resolver(attention_shape)
-
-__all__ = ["ADAPTERS", "ModelAdapter", "SparseAttnProcessor", "adapter_for", "apply", "attention_shape", "load_pipeline", "remove"]
+__all__ = [
+    "ADAPTERS",
+    "AttentionStrategy",
+    "Binding",
+    "LayerSlot",
+    "ModelAdapter",
+    "SparseAttention",
+    "SparseAttnProcessor",
+    "adapter_for",
+    "apply",
+    "attention_shape",
+    "check_plan",
+    "dense_plan",
+    "key_valid_from_mask",
+    "load_pipeline",
+    "remove",
+    "set_module_processor",
+    "uniform_plan",
+]

@@ -1,20 +1,44 @@
-"""``apply`` / ``remove``: put sparse attention on a pipeline or transformer, and take it off."""
+"""``apply`` / ``remove``: put sparse attention on a pipeline or transformer, and take it off; the
+model-aware plan constructors; loading a pipeline."""
 from __future__ import annotations
 
-from ..plan import SparsityPlan
-from .adapters import adapter_for
-from .processor import SparseAttnProcessor
+from typing import Sequence
+
+from ..plan import SparsityPlan, model_fingerprint
+from .adapters import adapter_for, attention_shape
+from .processor import AttentionStrategy, SparseAttnProcessor
+
+TRANSFORMER_NAMES = ("transformer", "transformer_2")
+
+
+def dense_plan(model, tile=(1, 8, 8)) -> SparsityPlan:
+    """Every head of ``model`` dense: with it the model computes exactly what the stock processors compute."""
+    return SparsityPlan.dense(attention_shape(model), tile=tile, model=model_fingerprint(model))
+
+
+def uniform_plan(model, spec: str | dict, dense_steps: int | float = 0, dense_layers: Sequence[int] = (),
+                 tile=(1, 8, 8)) -> SparsityPlan:
+    """The same mask spec on every head of every sparse-eligible layer of ``model``, except
+    ``dense_layers``; the first ``dense_steps`` denoising steps (a count, or a fraction) run dense."""
+    return SparsityPlan.uniform(attention_shape(model), spec, dense_steps=dense_steps, dense_layers=dense_layers,
+                                tile=tile, model=model_fingerprint(model))
 
 
 def _transformers(pipe_or_transformer, plan):
-    """(transformer, plan, scheduler) pairs. Wan 2.2 has a second transformer (`transformer_2`),
+    """(name, transformer, plan, scheduler). Wan 2.2 has a second transformer (`transformer_2`),
     which needs a plan of its own: pass a dict {"transformer": plan, "transformer_2": plan2}."""
     obj = pipe_or_transformer
     scheduler = getattr(obj, "scheduler", None)
-    names = [n for n in ("transformer", "transformer_2") if getattr(obj, n, None) is not None]
+    names = [n for n in TRANSFORMER_NAMES if getattr(obj, n, None) is not None]
     if not names:  # a bare transformer
-        return [(obj, plan if not isinstance(plan, dict) else plan.get("transformer"), None)]
+        if isinstance(plan, dict):
+            raise TypeError("a dict of plans is for a pipeline with several transformers; give a bare transformer "
+                            "one SparsityPlan")
+        return [("transformer", obj, plan, None)]
     plans = plan if isinstance(plan, dict) else {"transformer": plan}
+    unknown = sorted(set(plans) - set(names))
+    if unknown:
+        raise ValueError(f"plans given for {unknown}, which this pipeline does not have; its transformers: {names}")
     out = []
     for n in names:
         if n not in plans:
@@ -22,45 +46,47 @@ def _transformers(pipe_or_transformer, plan):
                 raise ValueError("this pipeline has a second transformer (transformer_2, Wan 2.2): pass "
                                  "plan={'transformer': plan, 'transformer_2': plan2}")
             raise ValueError(f"no plan given for {n}")
-        out.append((getattr(obj, n), plans[n], scheduler))
+        out.append((n, getattr(obj, n), plans[n], scheduler))
     return out
 
 
-def apply(pipe_or_transformer, plan, backend: str | None = None):
+def apply(pipe_or_transformer, plan, backend: str | None = None, attention: AttentionStrategy | None = None):
     """Install a :class:`SparseAttnProcessor` on every attention module of the pipeline's
-    transformer(s). Returns the processor, or a list [transformer's, transformer_2's] for Wan 2.2.
+    transformer(s), bound up front (the first forward already follows the plan).
 
-    The original processors are remembered, so :func:`remove` restores them exactly. Applying again
-    replaces an earlier plan.
+    ``plan`` is a :class:`SparsityPlan`, or for a pipeline with two transformers (Wan 2.2) a dict
+    ``{"transformer": plan, "transformer_2": plan2}``. Returns the processor, or a dict of processors
+    with the same keys when given a dict. The original processors are remembered, so :func:`remove`
+    restores them exactly. Applying again replaces an earlier plan. ``attention`` replaces the
+    default :class:`SparseAttention` strategy (calibration and analysis measure through it).
     """
-    procs = []
-    for transformer, p, scheduler in _transformers(pipe_or_transformer, plan):
+    procs = {}
+    for name, transformer, p, scheduler in _transformers(pipe_or_transformer, plan):
         if not isinstance(p, SparsityPlan):
-            raise TypeError(f"plan must be a SparsityPlan, got {type(p).__name__}")
+            raise TypeError(f"plan for {name} must be a SparsityPlan, got {type(p).__name__}")
         adapter = adapter_for(transformer)  # a clear error for unsupported models
-        p.check_model(transformer)
         modules = adapter.processor_modules(transformer)
+        proc = SparseAttnProcessor(p, backend=backend, attention=attention)
         for old in {id(m.processor): m.processor for _, m in modules if isinstance(m.processor, SparseAttnProcessor)}.values():
             old.unbind(transformer)  # an earlier plan's hook must not keep running
         if not hasattr(transformer, "_sparse_vdit_original"):
             # A SparseAttnProcessor set earlier by hand is not an original: remember the stock one.
             transformer._sparse_vdit_original = {
-                name: m.processor if not isinstance(m.processor, SparseAttnProcessor) else adapter.stock_processor(m)
-                for name, m in modules
+                n: m.processor if not isinstance(m.processor, SparseAttnProcessor) else adapter.stock_processor(m)
+                for n, m in modules
             }
-        proc = SparseAttnProcessor(p, backend=backend)
-        proc.bind(transformer, scheduler=scheduler)
+        proc.bind(transformer, scheduler=scheduler)  # checks that the plan fits
         for _, m in modules:
-            _set_processor(m, proc)
-        procs.append(proc)
-    return procs[0] if len(procs) == 1 else procs
+            set_module_processor(m, proc)
+        procs[name] = proc
+    return procs if isinstance(plan, dict) else procs["transformer"]
 
 
 def remove(pipe_or_transformer) -> None:
     """Take sparse attention off: the processors before :func:`apply` come back (or, after a plain
     ``set_attn_processor``, the family's stock processors) and the hooks go."""
     obj = pipe_or_transformer
-    names = [n for n in ("transformer", "transformer_2") if getattr(obj, n, None) is not None]
+    names = [n for n in TRANSFORMER_NAMES if getattr(obj, n, None) is not None]
     transformers = [getattr(obj, n) for n in names] or [obj]
     for t in transformers:
         original = getattr(t, "_sparse_vdit_original", None)
@@ -70,13 +96,14 @@ def remove(pipe_or_transformer) -> None:
             if isinstance(proc, SparseAttnProcessor):
                 proc.unbind(t)
                 restored = original.get(name) if original else None
-                _set_processor(m, restored if restored is not None else adapter.stock_processor(m))
+                set_module_processor(m, restored if restored is not None else adapter.stock_processor(m))
         if original is not None:
             del t._sparse_vdit_original
 
 
-def _set_processor(module, processor) -> None:
-    # MochiAttention has no set_processor; its forward calls self.processor.
+def set_module_processor(module, processor) -> None:
+    """Set one attention module's processor (MochiAttention has no ``set_processor``; its forward
+    calls ``self.processor``)."""
     if hasattr(module, "set_processor"):
         module.set_processor(processor)
     else:

@@ -3,47 +3,61 @@
 A forward pre-hook on the transformer learns, per call, the latent grid (hence the
 :class:`VideoLayout`) and the denoising step (from timestep changes: a repeated timestep is the
 same step, e.g. the unconditional half of CFG; a larger one starts a new generation). It then
-resolves, for every attention module, what this forward does there, into a small slot on the
-module: the layer's :class:`BlockSparseMask` and token order when the layer runs sparse, nothing when
-it runs dense. The processor call only reads that slot, so it holds no per-layer Python state:
-one instance serves every layer, and ``torch.compile`` of a block sees tensors, not layer numbers.
+resolves, for every attention module, what this forward does there, into a small :class:`LayerSlot`
+on the module: the layer's :class:`BlockSparseMask` and token order when the layer runs sparse,
+nothing when it runs dense. The processor call only reads that slot, so it holds no per-layer Python
+state: one instance serves every layer, and ``torch.compile`` of a block sees tensors, not layer
+numbers.
+
+What the attention core computes where the family's q/k/v path runs is an
+:class:`AttentionStrategy`: :class:`SparseAttention` by default; calibration and analysis pass their
+own (dense attention that also measures) instead of subclassing the processor.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..masks import VideoLayout, build
-from ..ops import BlockSparseMask, block_sparse_attention, default_backend
+from ..ops import BlockSparseMask, default_backend, sparse_attention
 from ..plan import SparsityPlan
-from .adapters import ModelAdapter, adapter_for
+from .adapters import ModelAdapter, adapter_for, check_plan
 
 _SLOT = "_sparse_vdit_slot"
+MAX_CACHED_LAYOUTS = 4  # masks are kept for this many (layout, device) pairs, least recently used dropped
 
 
 @dataclass(eq=False)
-class _Slot:
-    """Per attention module: its stock processor, and what the current forward does there."""
+class LayerSlot:
+    """Per attention module: its stock processor, and what the current forward does there.
+
+    ``layer`` is the plan layer (None for attention the plan does not cover, e.g. cross-attention);
+    ``mask`` and ``token_order`` are set per forward (None: the plan runs this layer dense now);
+    ``layout`` and ``step`` are the current forward's.
+    """
 
     stock: Any
     adapter: ModelAdapter
-    layer: int | None  # plan layer, None for attention the plan does not cover (cross-attention)
-    mask: BlockSparseMask | None = None  # set per forward; None = run the stock processor
-    order: torch.Tensor | None = None
-    seq_len: int = 0
+    layer: int | None
+    mask: BlockSparseMask | None = None
+    token_order: torch.Tensor | None = None
+    layout: VideoLayout | None = None
+    step: int = 0
 
 
 @dataclass(eq=False)
-class _Binding:
-    """What the processor knows about one transformer it serves."""
+class Binding:
+    """What a processor knows about one transformer it serves (read it through ``processor.binding()``)."""
 
     adapter: ModelAdapter
-    slots: list[_Slot]
+    slots: list[LayerSlot]
     hook: Any = None
     layout: VideoLayout | None = None
     step: int = 0
@@ -53,38 +67,78 @@ class _Binding:
     stats: dict[str, int] = field(default_factory=lambda: {"sparse": 0, "dense": 0})
 
 
+class AttentionStrategy:
+    """What the attention core computes where a family's q/k/v path runs.
+
+    ``runs(slot)`` decides, per attention call, whether the family's path runs with this strategy's
+    ``attend`` (else the stock processor runs); ``attend(q, k, v, slot, key_valid)`` gets
+    ``[B, N, H, D]`` tensors and returns the output in that layout; ``on_forward(binding)`` is told
+    of each transformer forward after the slots are resolved.
+    """
+
+    def runs(self, slot: LayerSlot) -> bool:
+        raise NotImplementedError
+
+    def attend(self, q, k, v, slot: LayerSlot, key_valid=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_forward(self, binding: Binding) -> None:
+        return None
+
+
+class SparseAttention(AttentionStrategy):
+    """The default strategy: block-sparse attention with the slot's mask where the plan is sparse."""
+
+    def __init__(self, backend: str | None = None):
+        self.backend = backend
+
+    def runs(self, slot: LayerSlot) -> bool:
+        return slot.mask is not None
+
+    def attend(self, q, k, v, slot: LayerSlot, key_valid=None) -> torch.Tensor:
+        if q.shape[1] != slot.layout.seq_len:
+            raise ValueError(f"attention sequence has {q.shape[1]} tokens but the latent grid gives {slot.layout.seq_len}")
+        backend = self.backend or default_backend(q.device)
+        return sparse_attention(q, k, v, slot.mask, slot.token_order, key_valid=key_valid, backend=backend)
+
+
 class SparseAttnProcessor:
     """Drop-in processor: ``transformer.set_attn_processor(SparseAttnProcessor(plan))``.
 
     Args:
         plan: the :class:`SparsityPlan` for this transformer.
         backend: attention backend for sparse layers (default: Triton on CUDA, torch on CPU).
+        attention: an :class:`AttentionStrategy` instead of :class:`SparseAttention` (calibration
+            and analysis measure through this).
     """
 
-    def __init__(self, plan: SparsityPlan, backend: str | None = None):
+    def __init__(self, plan: SparsityPlan, backend: str | None = None, attention: AttentionStrategy | None = None):
         if not isinstance(plan, SparsityPlan):
             raise TypeError(f"plan must be a SparsityPlan, got {type(plan).__name__}")
+        if attention is not None and not isinstance(attention, AttentionStrategy):
+            raise TypeError(f"attention must be an AttentionStrategy, got {type(attention).__name__}")
         self.plan = plan
         self.backend = backend
+        self.attention = attention if attention is not None else SparseAttention(backend)
         self.num_inference_steps: int | None = None
-        self._bindings: dict[int, _Binding] = {}  # id(transformer) -> binding
-        self._mask_cache: dict[tuple, BlockSparseMask] = {}
+        self._bindings: dict[int, Binding] = {}  # id(transformer) -> binding
+        # (layout, device) -> {layer key -> mask}, least recently used first
+        self._mask_cache: OrderedDict[tuple, dict[str, BlockSparseMask]] = OrderedDict()
         self._layer_keys = [json.dumps(plan.layer_specs(i), sort_keys=True) for i in range(plan.num_layers)]
         self._layer_dense = [plan.layer_is_dense(i) for i in range(plan.num_layers)]
-        self._global_hook = torch.nn.modules.module.register_module_forward_pre_hook(self._discover)
 
     # ------------------------------------------------------------------ binding to a transformer
-    def bind(self, transformer, scheduler=None) -> None:
+    def bind(self, transformer, scheduler=None) -> Binding:
         """Attach to ``transformer``: check the plan fits, give each attention module its slot and
-        install the pre-hook. Done by :func:`sparse_vdit.apply`, or during the first forward after
+        install the pre-hook. Done by :func:`sparse_vdit.apply`, or by the first attention call after
         ``set_attn_processor``."""
         key = id(transformer)
         if key in self._bindings:
             if scheduler is not None:
                 self._bindings[key].scheduler = scheduler
-            return
+            return self._bindings[key]
         adapter = adapter_for(transformer)
-        self.plan.check_model(transformer)
+        check_plan(self.plan, transformer)
         layer_of = {id(m): i for i, (_, m) in enumerate(adapter.attention_layers(transformer))}
         slots = []
         for _, m in adapter.processor_modules(transformer):
@@ -92,11 +146,11 @@ class SparseAttnProcessor:
             current = getattr(m, "processor", None)
             stock = current if current is not None and not isinstance(current, SparseAttnProcessor) \
                 else adapter.stock_processor(m)
-            slot = _Slot(stock=stock, adapter=adapter, layer=layer_of.get(id(m)))
+            slot = LayerSlot(stock=stock, adapter=adapter, layer=layer_of.get(id(m)))
             object.__setattr__(m, _SLOT, slot)  # a plain attribute, not a submodule
             slots.append(slot)
-        binding = _Binding(adapter, slots, scheduler=scheduler)
-        ref = weakref.ref(self)
+        binding = Binding(adapter, slots, scheduler=scheduler)
+        ref = weakref.ref(self)  # the hook must not keep the processor alive
 
         def pre_hook(module, args, kwargs):
             proc = ref()
@@ -105,7 +159,7 @@ class SparseAttnProcessor:
 
         binding.hook = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
         self._bindings[key] = binding
-        self._drop_global_hook()
+        return binding
 
     def unbind(self, transformer) -> None:
         binding = self._bindings.pop(id(transformer), None)
@@ -117,38 +171,55 @@ class SparseAttnProcessor:
             if hasattr(m, _SLOT):
                 object.__delattr__(m, _SLOT)
 
-    def _drop_global_hook(self):
-        if self._global_hook is not None:
-            self._global_hook.remove()
-            self._global_hook = None
+    def _bind_from_call(self, attn) -> LayerSlot:
+        """The first attention call of a processor set with ``set_attn_processor``: find the
+        transformer whose forward is running (up the call stack), bind to it, and run this forward
+        dense (its grid was not seen by the pre-hook)."""
+        frame = inspect.currentframe()
+        transformer = None
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, torch.nn.Module) and obj is not attn and any(m is attn for m in obj.modules()):
+                try:
+                    adapter_for(obj)
+                    transformer = obj
+                    break
+                except ValueError:
+                    pass
+            frame = frame.f_back
+        del frame
+        if transformer is None:
+            raise RuntimeError(
+                "SparseAttnProcessor is not bound to a model: call sparse_vdit.apply(pipe, plan), or run the "
+                "transformer (its first forward binds a processor set with set_attn_processor)"
+            )
+        binding = self.bind(transformer)
+        self._warn_first_forward_dense(binding)
+        return getattr(attn, _SLOT)
 
-    def _discover(self, module, args):
-        # Global pre-hook, live only until a transformer using this processor runs: it lets the plain
-        # `set_attn_processor(SparseAttnProcessor(plan))` work without sv.apply.
-        try:
-            adapter = adapter_for(module)
-        except ValueError:
-            return None
-        layers = adapter.attention_layers(module)
-        if layers and getattr(layers[0][1], "processor", None) is self:
-            # A global hook sees no keyword arguments (pipelines pass them all by keyword), so this
-            # forward's grid is unknown: it runs dense, later forwards follow the plan.
-            self.bind(module)
-            self._warn_first_forward_dense(self._bindings[id(module)])
-        return None
+    @property
+    def bindings(self) -> tuple[Binding, ...]:
+        """The transformers this processor serves, as :class:`Binding` records."""
+        return tuple(self._bindings.values())
 
-    def __del__(self):
-        try:
-            self._drop_global_hook()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+    def binding(self, transformer=None) -> Binding:
+        """The :class:`Binding` for ``transformer`` (default: the one bound last)."""
+        if transformer is not None:
+            if id(transformer) not in self._bindings:
+                raise ValueError(f"this processor is not bound to that {type(transformer).__name__}")
+            return self._bindings[id(transformer)]
+        if not self._bindings:
+            raise ValueError("this processor is not bound to any transformer yet")
+        return next(reversed(self._bindings.values()))
 
     @property
     def layout(self) -> VideoLayout | None:
         """The video layout of the most recent forward (of the transformer bound last), or None."""
-        for binding in reversed(list(self._bindings.values())):
-            return binding.layout
-        return None
+        return self.binding().layout if self._bindings else None
+
+    def cached_layouts(self) -> list[VideoLayout]:
+        """The layouts whose masks are cached now (at most ``MAX_CACHED_LAYOUTS`` per device)."""
+        return [layout for layout, _ in self._mask_cache]
 
     def set_num_inference_steps(self, n: int) -> None:
         """Tell the processor the schedule length (needed for a fractional ``dense_steps``)."""
@@ -160,7 +231,7 @@ class SparseAttnProcessor:
             b.step, b.last_t = 0, None
 
     # ------------------------------------------------------------------ per forward (outside compiled code)
-    def _on_forward(self, binding: _Binding, model, args, kwargs):
+    def _on_forward(self, binding: Binding, model, args, kwargs):
         frames, height, width = binding.adapter.latent_grid(model, args, kwargs)
         text_len = binding.adapter.text_len(model, args, kwargs)
         layout = VideoLayout(frames, height, width, self.plan.tile, text_len=text_len,
@@ -182,12 +253,14 @@ class SparseAttnProcessor:
         for slot in binding.slots:
             sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
             slot.mask = self.mask_for(slot.layer, binding.layout, device) if sparse else None
-            slot.order = order if sparse else None
-            slot.seq_len = binding.layout.seq_len
+            slot.token_order = order
+            slot.layout = binding.layout
+            slot.step = binding.step
             if slot.layer is not None:
                 binding.stats["sparse" if sparse else "dense"] += 1
+        self.attention.on_forward(binding)
 
-    def _warn_first_forward_dense(self, binding: _Binding) -> None:
+    def _warn_first_forward_dense(self, binding: Binding) -> None:
         for slot in binding.slots:
             slot.mask = None
         if binding.warned_first_forward or all(self._layer_dense):
@@ -201,10 +274,10 @@ class SparseAttnProcessor:
             warnings.warn(
                 "SparseAttnProcessor bound to the transformer during its first forward, which therefore ran "
                 "dense; later forwards follow the plan. Use sparse_vdit.apply(pipe, plan) to bind up front.",
-                stacklevel=3,
+                stacklevel=4,
             )
 
-    def _num_steps(self, binding: _Binding) -> int | None:
+    def _num_steps(self, binding: Binding) -> int | None:
         if self.num_inference_steps is not None:
             return self.num_inference_steps
         sched = binding.scheduler
@@ -213,14 +286,23 @@ class SparseAttnProcessor:
         return None
 
     def mask_for(self, layer: int, layout: VideoLayout, device) -> BlockSparseMask:
-        """The layer's BlockSparseMask on ``layout`` (built once per layout and spec set, then cached)."""
-        key = (self._layer_keys[layer], layout, str(device))
-        mask = self._mask_cache.get(key)
+        """The layer's BlockSparseMask on ``layout`` (built once per layout and spec set, then cached;
+        the masks of the least recently used layout go beyond ``MAX_CACHED_LAYOUTS``)."""
+        where = (layout, str(torch.device(device)))
+        per_layer = self._mask_cache.get(where)
+        if per_layer is None:
+            per_layer = self._mask_cache[where] = {}
+            while len(self._mask_cache) > MAX_CACHED_LAYOUTS:
+                self._mask_cache.popitem(last=False)
+        else:
+            self._mask_cache.move_to_end(where)
+        key = self._layer_keys[layer]
+        mask = per_layer.get(key)
         if mask is None:
             specs = self.plan.layer_specs(layer)
             # One spec for every head: a single head row that the kernel broadcasts (stride 0).
             mask = build(specs[0] if all(s == specs[0] for s in specs) else specs, layout, device=device)
-            self._mask_cache[key] = mask
+            per_layer[key] = mask
         return mask
 
     # ------------------------------------------------------------------ the processor call
@@ -234,46 +316,12 @@ class SparseAttnProcessor:
         call_args = (hidden_states, encoder_hidden_states, attention_mask, rotary, *args)
         slot = getattr(attn, _SLOT, None)
         if slot is None:
-            raise RuntimeError(
-                "SparseAttnProcessor is not bound to this model: it binds on the transformer's first "
-                "forward (or call sparse_vdit.apply(pipe, plan))"
-            )
-        return self._run(attn, slot, call_args, kwargs)
-
-    def _run(self, attn, slot: _Slot, call_args: tuple, kwargs: dict):
-        """The stock processor where this forward runs dense, else the family's sparse forward."""
-        if slot.mask is None:
+            slot = self._bind_from_call(attn)
+        if not self.attention.runs(slot):
             return slot.stock(attn, *call_args, **kwargs)
-        hidden_states = call_args[0]
-        mask, order, seq_len = slot.mask, slot.order, slot.seq_len
-        backend = self.backend or default_backend(hidden_states.device)
+        strategy = self.attention
 
         def attend(q, k, v, key_valid=None):
-            if q.shape[1] != seq_len:
-                raise ValueError(f"attention sequence has {q.shape[1]} tokens but the latent grid gives {seq_len}")
-            return _attend(q, k, v, mask, order, backend, key_valid)
+            return strategy.attend(q, k, v, slot, key_valid)
 
         return slot.adapter.sparse_forward(attn, attend, *call_args, **kwargs)
-
-
-def _attend(q, k, v, mask, order, backend, key_valid=None):
-    """Block-sparse attention on [B, N, H, D] tensors in model order (views, no copies).
-
-    ``key_valid`` (bool [B, N]) marks keys that may be attended: each batch element then gets a key
-    order of its own that leaves the others out (no data-dependent branch, so it compiles).
-    """
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if key_valid is None:
-        o = block_sparse_attention(qh, kh, vh, mask, token_order=order, backend=backend, check=False)
-        return o.transpose(1, 2)
-    outs = []
-    for b in range(q.shape[0]):
-        kv_order = key_order(order, key_valid[b])
-        outs.append(block_sparse_attention(qh[b:b + 1], kh[b:b + 1], vh[b:b + 1], mask, token_order=order,
-                                           kv_token_order=kv_order, backend=backend, check=False))
-    return torch.cat(outs).transpose(1, 2)
-
-
-def key_order(order: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """``order`` with the tokens that ``key_valid`` (bool [N], model order) rules out set to -1."""
-    return torch.where((order >= 0) & key_valid[order.clamp(min=0).long()], order, torch.full_like(order, -1))

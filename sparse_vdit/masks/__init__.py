@@ -1,15 +1,21 @@
-"""Video token layout and the spatiotemporal mask families, defined on tiles."""
-from .families import DEFAULTS, KINDS, block_matrix, build, normalize_spec, radial_rule, sink_blocks, spec_name
-from .layout import VideoLayout
+"""Video token layout and the spatiotemporal mask families (a registry), defined on tiles."""
+from .families import (DEFAULTS, FAMILIES, KINDS, MaskFamily, block_matrix, build, ladder, normalize_spec, radial_rule,
+                       register_family, sink_blocks, spec_name)
+from .layout import VideoLayout, check_tile
 
 __all__ = [
     "DEFAULTS",
+    "FAMILIES",
     "KINDS",
+    "MaskFamily",
     "VideoLayout",
+    "check_tile",
     "block_matrix",
     "build",
+    "ladder",
     "normalize_spec",
     "radial_rule",
+    "register_family",
     "sink_blocks",
     "spec_name",
 ]

@@ -9,7 +9,9 @@ Distances are in tiles: ``dt``, ``dh``, ``dw`` are the absolute differences of t
 """
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,21 +20,129 @@ from ..ops import BlockSparseMask
 from .layout import VideoLayout
 
 Spec = dict[str, Any]
+# rule(dt, dh, dw) -> bool "visit", on tile-distance tensors
+Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "dense": {},
-    # Sliding Tile Attention: window (t, h, w) in tiles, odd sizes centred on the query tile.
-    "sliding_tile": {"window": [3, 3, 3]},
-    # Radial Attention: all space within dense_frames tile-frames; beyond, the spatial radius (in
-    # tiles) halves each time the temporal distance doubles; once it reaches 0 only the same
-    # spatial tile is kept, on every 2nd, 4th, ... tile-frame, so work grows as O(n log n).
-    "radial": {"dense_frames": 1, "spatial_radius": None},
-    # Sparse VideoGen's two head types.
-    "spatial": {"frames": 1},  # |dt| <= frames, all of space
-    "temporal": {"radius": 0},  # |dh|, |dw| <= radius, all frames
-    "union": {"of": []},
-}
-KINDS = tuple(DEFAULTS)
+
+def _nonneg_int(kind: str, name: str, value, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{kind} {name} must be an int >= 0{extra}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MaskFamily:
+    """One mask family: everything about it in one place.
+
+    defaults: its parameters and their default values (the spec keys besides "kind" and "sinks").
+    check: validates (and may normalize) a spec with defaults filled; raises ValueError.
+    label: the short human-readable name of a spec, without "+sinks".
+    rule: ``rule(spec, layout) -> Rule`` on tile-coordinate distances.
+    ladder: parameter sets for calibration's search, sparsest first (each a partial spec).
+    """
+
+    kind: str
+    defaults: dict[str, Any]
+    check: Callable[[Spec], None]
+    label: Callable[[Spec], str]
+    rule: Callable[[Spec, VideoLayout], Rule]
+    ladder: tuple[dict[str, Any], ...] = ()
+    doc: str = ""
+
+
+FAMILIES: dict[str, MaskFamily] = {}
+
+
+def register_family(family: MaskFamily) -> MaskFamily:
+    """Add a family to the registry (its kind must be new)."""
+    if family.kind in FAMILIES:
+        raise ValueError(f"mask kind {family.kind!r} is already registered")
+    FAMILIES[family.kind] = family
+    return family
+
+
+def _check_window(spec: Spec) -> None:
+    w = spec["window"]
+    if isinstance(w, int) and not isinstance(w, bool):
+        w = [w, w, w]
+    if not (isinstance(w, (list, tuple)) and len(w) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 and x % 2 for x in w)):
+        raise ValueError(f"sliding_tile window must be 3 odd positive ints (t, h, w) in tiles, got {spec['window']!r}")
+    spec["window"] = list(w)
+
+
+def _window_rule(spec: Spec, layout: VideoLayout) -> Rule:
+    ht, hh, hw = (w // 2 for w in spec["window"])
+    return lambda dt, dh, dw: (dt <= ht) & (dh <= hh) & (dw <= hw)
+
+
+def _check_radial(spec: Spec) -> None:
+    _nonneg_int("radial", "dense_frames", spec["dense_frames"])
+    _nonneg_int("radial", "spatial_radius", spec["spatial_radius"], allow_none=True)
+
+
+def _radial_rule(spec: Spec, layout: VideoLayout) -> Rule:
+    gt, gh, gw = layout.tile_grid
+    radius0 = spec["spatial_radius"] if spec["spatial_radius"] is not None else max(gh, gw)
+    return lambda dt, dh, dw: radial_rule(dt, dh, dw, spec["dense_frames"], radius0)
+
+
+def _check_union(spec: Spec) -> None:
+    if not isinstance(spec["of"], (list, tuple)) or not spec["of"]:
+        raise ValueError("union needs a non-empty list 'of' specs")
+    spec["of"] = [normalize_spec(s) for s in spec["of"]]
+
+
+def _union_rule(spec: Spec, layout: VideoLayout) -> Rule:
+    rules = [_rule(s, layout) for s in spec["of"]]
+
+    def union(dt, dh, dw):
+        out = rules[0](dt, dh, dw)
+        for r in rules[1:]:
+            out = out | r(dt, dh, dw)
+        return out
+
+    return union
+
+
+register_family(MaskFamily(
+    "dense", {}, check=lambda s: None, label=lambda s: "dense",
+    rule=lambda s, lay: (lambda dt, dh, dw: torch.ones_like(dt, dtype=torch.bool)),
+    doc="every key block"))
+register_family(MaskFamily(
+    "sliding_tile", {"window": [3, 3, 3]}, check=_check_window,
+    label=lambda s: f"sliding_tile({','.join(map(str, s['window']))})", rule=_window_rule,
+    ladder=({"window": [1, 1, 1]}, {"window": [1, 3, 3]}, {"window": [3, 3, 3]}, {"window": [3, 5, 5]},
+            {"window": [5, 5, 5]}),
+    doc="Sliding Tile Attention: window (t, h, w) in tiles, odd sizes centred on the query tile"))
+register_family(MaskFamily(
+    "radial", {"dense_frames": 1, "spatial_radius": None}, check=_check_radial,
+    label=lambda s: f"radial(d={s['dense_frames']})", rule=_radial_rule,
+    ladder=({"dense_frames": 0}, {"dense_frames": 1}, {"dense_frames": 2}),
+    doc="Radial Attention: all space within dense_frames tile-frames; beyond, the spatial radius (in "
+        "tiles) halves each time the temporal distance doubles; once it reaches 0 only the same spatial "
+        "tile is kept, on every 2nd, 4th, ... tile-frame, so work grows as O(n log n)"))
+register_family(MaskFamily(
+    "spatial", {"frames": 1}, check=lambda s: _nonneg_int("spatial", "frames", s["frames"]),
+    label=lambda s: f"spatial(f={s['frames']})",
+    rule=lambda s, lay: (lambda dt, dh, dw: dt <= s["frames"]),
+    ladder=({"frames": 0}, {"frames": 1}, {"frames": 2}),
+    doc="Sparse VideoGen's spatial head: |dt| <= frames, all of space"))
+register_family(MaskFamily(
+    "temporal", {"radius": 0}, check=lambda s: _nonneg_int("temporal", "radius", s["radius"]),
+    label=lambda s: f"temporal(r={s['radius']})",
+    rule=lambda s, lay: (lambda dt, dh, dw: (dh <= s["radius"]) & (dw <= s["radius"])),
+    ladder=({"radius": 0}, {"radius": 1}),
+    doc="Sparse VideoGen's temporal head: |dh|, |dw| <= radius, all frames"))
+register_family(MaskFamily(
+    "union", {"of": []}, check=_check_union, label=lambda s: "|".join(spec_name(x) for x in s["of"]),
+    rule=_union_rule, doc="key blocks any of the specs 'of' visits"))
+
+# Views of the registry, kept for callers that read them.
+DEFAULTS: dict[str, dict[str, Any]] = {k: f.defaults for k, f in FAMILIES.items()}
+KINDS = tuple(FAMILIES)
 _SINK_KEYS = ("frames", "tokens")
 
 
@@ -43,36 +153,15 @@ def normalize_spec(spec: str | Spec) -> Spec:
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ValueError(f"a mask spec is a kind name or a dict with a 'kind' key, got {spec!r}")
     kind = spec["kind"]
-    if kind not in DEFAULTS:
-        raise ValueError(f"unknown mask kind {kind!r}; valid kinds: {list(KINDS)}")
-    allowed = set(DEFAULTS[kind]) | {"kind", "sinks"}
+    family = FAMILIES.get(kind) if isinstance(kind, str) else None
+    if family is None:
+        raise ValueError(f"unknown mask kind {kind!r}; valid kinds: {list(FAMILIES)}")
+    allowed = set(family.defaults) | {"kind", "sinks"}
     unknown = set(spec) - allowed
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for mask kind {kind!r}; valid: {sorted(allowed - {'kind'})}")
-    out = {"kind": kind, **{k: v for k, v in DEFAULTS[kind].items()}, **{k: v for k, v in spec.items() if k != "kind"}}
-    if kind == "sliding_tile":
-        w = out["window"]
-        if isinstance(w, int):
-            w = [w, w, w]
-        if not (isinstance(w, (list, tuple)) and len(w) == 3 and all(isinstance(x, int) and x >= 1 and x % 2 for x in w)):
-            raise ValueError(f"sliding_tile window must be 3 odd positive ints (t, h, w) in tiles, got {out['window']!r}")
-        out["window"] = list(w)
-    elif kind == "radial":
-        if not (isinstance(out["dense_frames"], int) and out["dense_frames"] >= 0):
-            raise ValueError(f"radial dense_frames must be an int >= 0, got {out['dense_frames']!r}")
-        r = out["spatial_radius"]
-        if r is not None and not (isinstance(r, int) and r >= 0):
-            raise ValueError(f"radial spatial_radius must be None (the whole frame) or an int >= 0, got {r!r}")
-    elif kind == "spatial":
-        if not (isinstance(out["frames"], int) and out["frames"] >= 0):
-            raise ValueError(f"spatial frames must be an int >= 0, got {out['frames']!r}")
-    elif kind == "temporal":
-        if not (isinstance(out["radius"], int) and out["radius"] >= 0):
-            raise ValueError(f"temporal radius must be an int >= 0, got {out['radius']!r}")
-    elif kind == "union":
-        if not isinstance(out["of"], (list, tuple)) or not out["of"]:
-            raise ValueError("union needs a non-empty list 'of' specs")
-        out["of"] = [normalize_spec(s) for s in out["of"]]
+    out = {"kind": kind, **copy.deepcopy(family.defaults), **{k: v for k, v in spec.items() if k != "kind"}}
+    family.check(out)
     if "sinks" in out:
         sinks = out["sinks"]
         if not isinstance(sinks, dict) or set(sinks) - set(_SINK_KEYS):
@@ -88,50 +177,20 @@ def normalize_spec(spec: str | Spec) -> Spec:
 def spec_name(spec: str | Spec) -> str:
     """Short human-readable name, e.g. 'sliding_tile(3,3,3)+sinks'."""
     s = normalize_spec(spec)
-    kind = s["kind"]
-    if kind == "sliding_tile":
-        name = f"sliding_tile({','.join(map(str, s['window']))})"
-    elif kind == "radial":
-        name = f"radial(d={s['dense_frames']})"
-    elif kind == "spatial":
-        name = f"spatial(f={s['frames']})"
-    elif kind == "temporal":
-        name = f"temporal(r={s['radius']})"
-    elif kind == "union":
-        name = "|".join(spec_name(x) for x in s["of"])
-    else:
-        name = kind
-    return name + ("+sinks" if s.get("sinks") else "")
+    return FAMILIES[s["kind"]].label(s) + ("+sinks" if s.get("sinks") else "")
 
 
-# ---------------------------------------------------------------------------- family rules
-# Each rule maps tile-coordinate differences (and the query/key tile coordinates) to "visit".
-def _rule(spec: Spec, layout: VideoLayout) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    kind = spec["kind"]
-    gt, gh, gw = layout.tile_grid
-    if kind == "dense":
-        return lambda dt, dh, dw: torch.ones_like(dt, dtype=torch.bool)
-    if kind == "sliding_tile":
-        ht, hh, hw = (w // 2 for w in spec["window"])
-        return lambda dt, dh, dw: (dt <= ht) & (dh <= hh) & (dw <= hw)
-    if kind == "spatial":
-        return lambda dt, dh, dw: dt <= spec["frames"]
-    if kind == "temporal":
-        return lambda dt, dh, dw: (dh <= spec["radius"]) & (dw <= spec["radius"])
-    if kind == "radial":
-        return lambda dt, dh, dw: radial_rule(dt, dh, dw, spec["dense_frames"],
-                                              spec["spatial_radius"] if spec["spatial_radius"] is not None else max(gh, gw))
-    if kind == "union":
-        rules = [_rule(s, layout) for s in spec["of"]]
+def ladder(kind: str) -> list[Spec]:
+    """The family's calibration ladder as full specs, sparsest first (the default alone if none)."""
+    family = FAMILIES.get(kind)
+    if family is None:
+        raise ValueError(f"unknown mask kind {kind!r}; valid kinds: {list(FAMILIES)}")
+    rungs = family.ladder or ({},)
+    return [normalize_spec({"kind": kind, **r}) for r in rungs]
 
-        def union(dt, dh, dw):
-            out = rules[0](dt, dh, dw)
-            for r in rules[1:]:
-                out = out | r(dt, dh, dw)
-            return out
 
-        return union
-    raise AssertionError(kind)
+def _rule(spec: Spec, layout: VideoLayout) -> Rule:
+    return FAMILIES[spec["kind"]].rule(spec, layout)
 
 
 def radial_rule(dt: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, dense_frames: int, radius0: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ from functools import cached_property
 
 import torch
 
+from ..ops import tiled_position
+
 TEXT_POSITIONS = ("before", "after")
 
 
@@ -15,6 +17,19 @@ def _check_positive_ints(name, values, length):
     for x in values:
         if not isinstance(x, int) or isinstance(x, bool) or x < 1:
             raise ValueError(f"{name} must be a sequence of {length} positive ints, got {values!r}")
+
+
+def check_tile(tile) -> tuple[int, int, int]:
+    """``tile`` as a tuple of 3 positive ints whose product (the kernel block size) is a power of two
+    >= 16; raises ValueError naming the value and what is valid."""
+    if not isinstance(tile, (tuple, list)):
+        raise ValueError(f"tile must be a sequence of 3 positive ints (t, h, w), got {tile!r}")
+    _check_positive_ints("tile", list(tile), 3)
+    vol = tile[0] * tile[1] * tile[2]
+    if vol < 16 or vol & (vol - 1):
+        raise ValueError(f"tile volume must be a power of two >= 16 (e.g. (1, 8, 8) = 64, (1, 4, 4) = 16, "
+                         f"(2, 8, 8) = 128), got tile {tuple(tile)} = {vol}")
+    return tuple(tile)
 
 
 @dataclass(frozen=True)
@@ -45,11 +60,7 @@ class VideoLayout:
 
     def __post_init__(self):
         _check_positive_ints("(frames, height, width)", [self.frames, self.height, self.width], 3)
-        object.__setattr__(self, "tile", tuple(self.tile))
-        _check_positive_ints("tile", self.tile, 3)
-        vol = self.block_size
-        if vol < 16 or vol & (vol - 1):
-            raise ValueError(f"tile volume must be a power of two >= 16 (e.g. (1, 8, 8) = 64), got {self.tile} = {vol}")
+        object.__setattr__(self, "tile", check_tile(self.tile))
         if not isinstance(self.text_len, int) or self.text_len < 0:
             raise ValueError(f"text_len must be an int >= 0, got {self.text_len!r}")
         if self.text_position not in TEXT_POSITIONS:
@@ -137,11 +148,7 @@ class VideoLayout:
 
     def inverse_order(self) -> torch.Tensor:
         """int64 ``[seq_len]``: model token index -> tiled position."""
-        order = self._token_order_cpu.long()
-        inv = torch.empty(self.seq_len, dtype=torch.long)
-        valid = order >= 0
-        inv[order[valid]] = torch.arange(order.numel())[valid]
-        return inv
+        return tiled_position(self._token_order_cpu, self.seq_len)
 
     def to_tiled(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
         """Copy ``x`` (model order along ``dim``) into tiled order, zeros at padding positions.

@@ -1,16 +1,25 @@
-"""Public tensor API: block-sparse attention, its mask type, the torch reference and backends."""
+"""Public tensor API: block-sparse attention, its mask type, the float64 reference, the backends
+(triton / torch / flex) and the attention seam at the model layout [B, N, H, D]."""
 from .attention import BACKENDS, block_sparse_attention, default_backend
 from .mask import BlockSparseMask
-from .reference import reference_attention, token_mask, torch_block_sparse_attention
-from .stats import block_attention_mass
+from .mass import block_attention_mass
+from .model_layout import attention_mass, dense_attention, sparse_attention
+from .order import key_order, tiled_position
+from .reference import reference_attention, token_mask
+from .torch_backend import torch_block_sparse_attention
 
 __all__ = [
     "BACKENDS",
     "BlockSparseMask",
+    "attention_mass",
     "block_attention_mass",
     "block_sparse_attention",
     "default_backend",
+    "dense_attention",
+    "key_order",
     "reference_attention",
+    "sparse_attention",
+    "tiled_position",
     "token_mask",
     "torch_block_sparse_attention",
 ]

@@ -6,7 +6,7 @@ import os
 import torch
 
 from .mask import BlockSparseMask
-from .reference import torch_block_sparse_attention
+from .torch_backend import torch_block_sparse_attention
 
 BACKENDS = ("triton", "torch", "flex")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -24,8 +24,8 @@ def default_backend(device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------- custom op
-@torch.library.custom_op("sparse_vdit::block_sparse_attn_fwd", mutates_args=())
-def _block_sparse_attn_fwd_op(
+@torch.library.custom_op("sparse_vdit::block_sparse_attention", mutates_args=())
+def block_sparse_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -39,16 +39,17 @@ def _block_sparse_attn_fwd_op(
     num_q_blocks: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward as one opaque op for torch.compile: (o [B, H, N, D], lse fp32 [B, H, N])."""
     if backend == "triton":
-        from sparse_vdit.kernels import block_sparse_attn_fwd
+        from ..kernels import block_sparse_attention_fwd
 
-        return block_sparse_attn_fwd(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
+        return block_sparse_attention_fwd(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
                                      q_block, kv_block, num_q_blocks)
     return torch_block_sparse_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
                                         q_block, kv_block, num_q_blocks)
 
 
-@_block_sparse_attn_fwd_op.register_fake
+@block_sparse_attention_op.register_fake
 def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend):
     B, H, N, D = q.shape
     return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
@@ -165,71 +166,12 @@ def block_sparse_attention(
     D = q.shape[-1]
     scale = float(D ** -0.5) if scale is None else float(scale)
     if backend == "flex":
-        o, lse = _flex_attention(q, k, v, mask, scale, token_order, kv_token_order)
+        from .flex import flex_block_sparse_attention
+
+        o, lse = flex_block_sparse_attention(q, k, v, mask, scale, token_order, kv_token_order)
     else:
-        o, lse = _block_sparse_attn_fwd_op(
+        o, lse = block_sparse_attention_op(
             q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,
             mask.q_block, mask.kv_block, mask.num_q_blocks, backend,
         )
     return (o, lse) if return_lse else o
-
-
-def _flex_call(flex_fn, q, k, v, block_mask, scale):
-    """Call FlexAttention asking for the LSE in whichever way this torch version supports."""
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:  # torch < 2.9
-        return flex_fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
-    o, aux = flex_fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-    return o, aux.lse
-
-
-def _flex_attention(q, k, v, mask, scale, token_order, kv_token_order=None, flex_fn=None):
-    """FlexAttention on the same block mask (a baseline; permutes copies when token_order is set)."""
-    import warnings
-
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if flex_fn is None:
-        flex_fn = flex_attention
-        # Eager FlexAttention warns that it is unfused; on the CPU that is the intended use.
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-
-    B, H, N, D = q.shape
-    if token_order is not None:
-        order = token_order.long()
-        valid = order >= 0
-        kv_order = order if kv_token_order is None else kv_token_order.long()
-        key_ok = kv_order >= 0
-        L = order.numel()
-
-        def tile(x, order, valid):
-            xt = x.new_zeros(B, H, L, D)
-            xt[:, :, valid] = x[:, :, order[valid]]
-            return xt
-
-        # Padding keys must never be attended: fold them into the mask as blocks-with-holes via mask_mod.
-        dense = mask.to_dense()
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            bb = b if mask.batch > 1 else torch.zeros_like(b)
-            hh = h if mask.heads > 1 else torch.zeros_like(h)
-            return dense[bb, hh, q_idx // mask.q_block, kv_idx // mask.kv_block] & key_ok[kv_idx]
-
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        bm = create_block_mask(mask_mod, mask.batch if mask.batch > 1 else None,
-                               mask.heads if mask.heads > 1 else None, L, L, device=q.device,
-                               BLOCK_SIZE=(mask.q_block, mask.kv_block))
-        ot, lset = _flex_call(flex_fn, tile(q, order, valid), tile(k, kv_order, key_ok), tile(v, kv_order, key_ok),
-                              bm, scale)
-        o = q.new_zeros(B, H, N, D)
-        lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
-        o[:, :, order[valid]] = ot[:, :, valid]
-        lse[:, :, order[valid]] = lset[:, :, valid].float()
-        return o, lse
-    o, lse = _flex_call(flex_fn, q, k, v, mask.to_flex(N), scale)
-    # FlexAttention leaves rows with no key as zeros and -inf LSE in recent torch; enforce the contract.
-    lse = lse.float()
-    o = o.masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0)
-    return o, lse

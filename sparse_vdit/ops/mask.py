@@ -6,7 +6,34 @@ from dataclasses import dataclass
 import torch
 
 
-def _pair(block_size) -> tuple[int, int]:
+def blocks_to_indices(blocks: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts int32 [..., Mq], indices int32 [..., Mq, width]) of a boolean block matrix: each row's
+    visited key blocks first, in increasing order, padded with 0. ``width`` defaults to the longest row."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    # Stable sort of "not visited" puts visited block indices first, in increasing order.
+    order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
+    width = blocks.shape[-1] if width is None else width
+    indices = order[..., :width].to(torch.int32)
+    valid = torch.arange(width, device=blocks.device) < counts.unsqueeze(-1)
+    indices = torch.where(valid, indices, torch.zeros_like(indices))
+    return counts.contiguous(), indices.contiguous()
+
+
+def block_lookup_mask_mod(blocks: torch.Tensor, q_block: int, kv_block: int, key_ok: torch.Tensor | None = None):
+    """A FlexAttention ``mask_mod`` that looks tokens up in a block matrix ``[Bm, H, Mq, Mk]``
+    (broadcast over batch / heads where that dimension is 1); ``key_ok`` (bool [L]) also rules keys out."""
+    Bm, Hm = blocks.shape[:2]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        bb = b if Bm > 1 else torch.zeros_like(b)
+        hh = h if Hm > 1 else torch.zeros_like(h)
+        visit = blocks[bb, hh, q_idx // q_block, kv_idx // kv_block]
+        return visit if key_ok is None else visit & key_ok[kv_idx]
+
+    return mask_mod
+
+
+def block_pair(block_size) -> tuple[int, int]:
     if isinstance(block_size, int) and not isinstance(block_size, bool):
         q_block, kv_block = block_size, block_size
     elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
@@ -59,15 +86,10 @@ class BlockSparseMask:
             raise ValueError(f"blocks must be a bool tensor, got dtype {blocks.dtype}")
         if min(blocks.shape) == 0:
             raise ValueError(f"blocks has an empty dimension: {tuple(blocks.shape)}")
-        q_block, kv_block = _pair(block_size)
-        counts = blocks.sum(-1, dtype=torch.int32)
-        # Stable sort of "not visited" puts visited block indices first, in increasing order.
-        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
-        width = max(int(counts.max()), 1)
-        indices = order[..., :width].to(torch.int32)
-        valid = torch.arange(width, device=blocks.device) < counts.unsqueeze(-1)
-        indices = torch.where(valid, indices, torch.zeros_like(indices)).contiguous()
-        return cls(counts.contiguous(), indices, q_block, kv_block, blocks.shape[-1])
+        q_block, kv_block = block_pair(block_size)
+        width = max(int(blocks.sum(-1).max()), 1)
+        counts, indices = blocks_to_indices(blocks, width)
+        return cls(counts, indices, q_block, kv_block, blocks.shape[-1])
 
     @classmethod
     def from_indices(
@@ -78,7 +100,7 @@ class BlockSparseMask:
         num_kv_blocks: int,
     ) -> "BlockSparseMask":
         """Build from counts ``[Bm, H, Mq]`` and indices ``[Bm, H, Mq, K]`` (validated)."""
-        q_block, kv_block = _pair(block_size)
+        q_block, kv_block = block_pair(block_size)
         if kv_counts.dim() == 2:
             kv_counts = kv_counts.unsqueeze(0)
         if kv_indices.dim() == 3:
@@ -160,13 +182,7 @@ class BlockSparseMask:
 
         self.check_seq_len(seq_len)
         dense = self.to_dense()
-        Bm = self.batch
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            bb = b if Bm > 1 else torch.zeros_like(b)
-            hh = h if self.heads > 1 else torch.zeros_like(h)
-            return dense[bb, hh, q_idx // self.q_block, kv_idx // self.kv_block]
-
+        mask_mod = block_lookup_mask_mod(dense, self.q_block, self.kv_block)
         tail_partial = seq_len % self.kv_block != 0
         full = dense.clone()
         partial = torch.zeros_like(dense)
@@ -174,13 +190,8 @@ class BlockSparseMask:
             full[..., -1] = False
             partial[..., -1] = dense[..., -1]
 
-        def to_kv(blocks):
-            cnt = blocks.sum(-1, dtype=torch.int32)
-            idx = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-            return cnt.contiguous(), idx.contiguous()
-
-        p_cnt, p_idx = to_kv(partial)
-        f_cnt, f_idx = to_kv(full)
+        p_cnt, p_idx = blocks_to_indices(partial)
+        f_cnt, f_idx = blocks_to_indices(full)
         return BlockMask.from_kv_blocks(
             p_cnt, p_idx, f_cnt, f_idx,
             BLOCK_SIZE=(self.q_block, self.kv_block), mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..masks import normalize_spec, spec_name
+from ..masks.layout import check_tile
 
 PLAN_VERSION = 1
 DENSE = {"kind": "dense"}
@@ -34,23 +35,13 @@ def model_fingerprint(model) -> dict[str, Any]:
     return {"class": type(model).__name__, "config": keep}
 
 
-# The plan layer does not know model families; the integration layer registers how to count a
-# model's sparse-eligible attention layers and heads (dependency inversion keeps the layering).
-_attention_shape_resolver = None
-
-
-def register_attention_shape_resolver(fn) -> None:
-    """``fn(model) -> (layers, heads)``; set by ``sparse_vdit.integration`` on import."""
-    global _attention_shape_resolver
-    _attention_shape_resolver = fn
-
-
-def _attention_shape(model) -> tuple[int, int]:
-    if isinstance(model, (tuple, list)) and len(model) == 2:
-        return int(model[0]), int(model[1])
-    if _attention_shape_resolver is None:
-        raise RuntimeError("import sparse_vdit.integration to build plans from a model, or pass (layers, heads)")
-    return _attention_shape_resolver(model)
+def _layers_heads(shape, what: str) -> tuple[int, int]:
+    """(layers, heads) from a pair; a model is integration's business (sparse_vdit.dense_plan / uniform_plan)."""
+    if isinstance(shape, (tuple, list)) and len(shape) == 2 and all(isinstance(x, int) and x > 0 for x in shape):
+        return int(shape[0]), int(shape[1])
+    if hasattr(shape, "config") or hasattr(shape, "forward"):
+        raise TypeError(f"SparsityPlan.{what} takes (layers, heads); for a model use sparse_vdit.{what}_plan(model, ...)")
+    raise ValueError(f"SparsityPlan.{what} takes (layers, heads) as two positive ints, got {shape!r}")
 
 
 @dataclass
@@ -80,7 +71,10 @@ class SparsityPlan:
         if len(widths) != 1:
             raise ValueError(f"every layer must list the same number of heads, got {sorted(widths)}")
         self.heads = [[normalize_spec(s) for s in row] for row in self.heads]
-        self.tile = tuple(int(x) for x in self.tile)
+        try:
+            self.tile = check_tile(tuple(self.tile) if isinstance(self.tile, (list, tuple)) else self.tile)
+        except ValueError as e:
+            raise ValueError(f"plan tile: {e}") from None
         if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, (int, float)):
             raise ValueError(f"dense_steps must be an int count or a float fraction in [0, 1), got {self.dense_steps!r}")
         if isinstance(self.dense_steps, float) and not 0.0 <= self.dense_steps < 1.0:
@@ -95,25 +89,28 @@ class SparsityPlan:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def dense(cls, model, tile=(1, 8, 8)) -> "SparsityPlan":
-        """Every head dense: with it the model computes exactly what the stock processors compute."""
-        layers, heads = _attention_shape(model)
-        return cls([[dict(DENSE)] * heads for _ in range(layers)], tile=tile, model=model_fingerprint(model))
+    def dense(cls, shape: tuple[int, int], tile=(1, 8, 8), model: dict | None = None) -> "SparsityPlan":
+        """Every head of ``shape = (layers, heads)`` dense: with it a model computes exactly what the
+        stock processors compute. ``model`` is a fingerprint to record (see ``sparse_vdit.dense_plan``)."""
+        layers, heads = _layers_heads(shape, "dense")
+        return cls([[dict(DENSE)] * heads for _ in range(layers)], tile=tile, model=dict(model or {}))
 
     @classmethod
     def uniform(
         cls,
-        model,
+        shape: tuple[int, int],
         spec: str | dict,
         dense_steps: int | float = 0,
         dense_layers: Sequence[int] = (),
         tile=(1, 8, 8),
+        model: dict | None = None,
     ) -> "SparsityPlan":
-        """The same mask spec on every head of every layer, except ``dense_layers``."""
-        layers, heads = _attention_shape(model)
+        """The same mask spec on every head of every layer of ``shape = (layers, heads)``, except
+        ``dense_layers``. For a model use ``sparse_vdit.uniform_plan(model, spec, ...)``."""
+        layers, heads = _layers_heads(shape, "uniform")
         spec = normalize_spec(spec)
         return cls([[spec] * heads for _ in range(layers)], tile=tile, dense_steps=dense_steps,
-                   dense_layers=list(dense_layers), model=model_fingerprint(model))
+                   dense_layers=list(dense_layers), model=dict(model or {}))
 
     # ------------------------------------------------------------------ queries
     @property
@@ -169,26 +166,26 @@ class SparsityPlan:
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ model check
-    def check_model(self, model) -> None:
-        """Raise ValueError if the plan does not fit ``model`` (class, layers, heads); warn on other config differences."""
-        fp = model_fingerprint(model)
+    def check_fits(self, fingerprint: dict[str, Any], layers: int, heads: int) -> None:
+        """Raise ValueError if the plan does not fit a model with this fingerprint and ``layers`` x
+        ``heads`` sparse-eligible attention; warn on other config differences. (Integration counts a
+        model's layers and heads: ``sparse_vdit.integration.check_plan``.)"""
         problems = []
-        if self.model.get("class") and self.model["class"] != fp["class"]:
-            problems.append(f"model class: plan {self.model['class']}, model {fp['class']}")
-        layers, heads = _attention_shape(model)
+        if self.model.get("class") and self.model["class"] != fingerprint.get("class"):
+            problems.append(f"model class: plan {self.model['class']}, model {fingerprint.get('class')}")
         if layers != self.num_layers:
             problems.append(f"attention layers: plan {self.num_layers}, model {layers}")
         if heads != self.num_heads:
             problems.append(f"heads per layer: plan {self.num_heads}, model {heads}")
-        pc = self.model.get("config", {})
+        pc, mc = self.model.get("config", {}), fingerprint.get("config", {})
         for k in _STRUCTURAL_KEYS:
-            if k in pc and k in fp["config"] and pc[k] != fp["config"][k]:
-                problems.append(f"config {k}: plan {pc[k]}, model {fp['config'][k]}")
+            if k in pc and k in mc and pc[k] != mc[k]:
+                problems.append(f"config {k}: plan {pc[k]}, model {mc[k]}")
         if problems:
             raise ValueError("this plan does not fit the model: " + "; ".join(problems))
-        diffs = [k for k in pc if k in fp["config"] and pc[k] != fp["config"][k]]
+        diffs = [k for k in pc if k in mc and pc[k] != mc[k]]
         if diffs:
-            warnings.warn(f"plan was made for a model whose config differs in {diffs}; masks still apply", stacklevel=2)
+            warnings.warn(f"plan was made for a model whose config differs in {diffs}; masks still apply", stacklevel=3)
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

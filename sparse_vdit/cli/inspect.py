@@ -5,21 +5,44 @@ import argparse
 import json
 
 
-def main(argv=None) -> int:
-    import sparse_vdit as sv
+def _ints(text: str, n: int, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{name} takes {n} positive integers separated by commas, got {text!r}")
+    return values
 
-    p = argparse.ArgumentParser(prog="sparse-vdit inspect", description=__doc__)
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("inspect", help="summarize a plan JSON, or show a mask spec on a layout", description=__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("plan", nargs="?", help="a plan JSON to summarize")
     p.add_argument("--mask", help='a mask spec to show instead: a kind name or JSON, e.g. \'{"kind": "radial"}\'')
     p.add_argument("--grid", default="21,30,52", help="latent grid frames,height,width (tokens after patchify)")
     p.add_argument("--tile", default="1,8,8", help="tile t,h,w")
     p.add_argument("--text", type=int, default=0, help="text tokens in the sequence")
     p.add_argument("--png", help="save a picture of the mask (or of the plan's first layer)")
-    args = p.parse_args(argv)
-    grid = tuple(int(x) for x in args.grid.split(","))
-    tile = tuple(int(x) for x in args.tile.split(","))
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args, p) -> int:
+    import sparse_vdit as sv
+
+    try:
+        grid = _ints(args.grid, 3, "--grid")
+        tile = _ints(args.tile, 3, "--tile")
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    if args.text < 0:
+        p.error(f"--text must be >= 0, got {args.text}")
     if args.mask:
-        spec = json.loads(args.mask) if args.mask.lstrip().startswith("{") else args.mask
+        try:
+            spec = json.loads(args.mask) if args.mask.lstrip().startswith("{") else args.mask
+        except json.JSONDecodeError as e:
+            p.error(f"--mask is neither a kind name nor valid JSON: {e}")
         layout = sv.VideoLayout(*grid, tile=tile, text_len=args.text)
         mask = sv.masks.build(spec, layout)
         print(layout.describe())

@@ -10,46 +10,21 @@ is not attended as a key (e.g. padded text tokens) while it is still computed as
 This fuses the spatiotemporal tiling permutation into the loads and stores, so q, k and v are never
 copied into tiled order, and lets edge tiles that the grid does not fill be padded to whole blocks
 whose padding keys are never attended.
-
-Only ``sparse_vdit.ops`` calls into this module.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .common import LN2, LOG2E_PY, autotune_configs, head_dim_block, load_query_block, token_index
 
-# Block size is a property of the mask (semantic), so it is never tuned here: only warps and stages.
+
 # The autotune key holds head_dim and the block shape (Triton adds the tensor dtypes itself); never
 # the sequence length, so a new resolution or frame count does not re-tune.
-if _INTERPRET:
-    _CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
-        triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)
-    ]
-
-
+@triton.autotune(configs=autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"])
 @triton.jit
-def token_index(order, o_pos, N, HAS_ORDER: tl.constexpr):
-    """Model token index of tiled positions ``o_pos`` and whether a token sits there (not padding)."""
-    if HAS_ORDER:
-        i_tok = tl.load(order + o_pos)
-        m_tok = i_tok >= 0
-        i_tok = tl.where(m_tok, i_tok, 0)
-    else:
-        i_tok = o_pos
-        m_tok = o_pos < N
-    return i_tok, m_tok
-
-
-@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"])
-@triton.jit
-def _block_sparse_attn_fwd(
+def block_sparse_attention_fwd_kernel(
     q, k, v, o, lse,
     kv_counts, kv_indices, token_order, kv_token_order,
     sm_scale_log2,
@@ -68,16 +43,9 @@ def _block_sparse_attn_fwd(
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] positions in (tiled) sequence
     o_n = tl.arange(0, BLOCK_N)  # [BN]
-    o_d = tl.arange(0, BLOCK_D)  # [BD]
-    m_d = o_d < HEAD_DIM
-
-    i_q, m_q = token_index(token_order, o_m, N, HAS_ORDER)  # [BM] token index in model order
-
-    p_q = q + i_b * stride_qb + i_h * stride_qh + i_q[:, None] * stride_qn + o_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+    b_q, i_q, m_q, o_d, m_d = load_query_block(q, token_order, i_b, i_h, i_m, stride_qb, stride_qh, stride_qn,
+                                               stride_qd, N, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ORDER)
 
     p_k_bh = k + i_b * stride_kb + i_h * stride_kh
     p_v_bh = v + i_b * stride_vb + i_h * stride_vh
@@ -117,13 +85,12 @@ def _block_sparse_attn_fwd(
     p_o = o + i_b * stride_ob + i_h * stride_oh + i_q[:, None] * stride_on + o_d[None, :] * stride_od
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
 
-    # Natural-log LSE: (m + log2(l)) * ln(2).
-    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.math.log2(b_l_safe)) * 0.6931471805599453)
+    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.math.log2(b_l_safe)) * LN2)  # natural log
     p_lse = lse + i_b * stride_lb + i_h * stride_lh + i_q * stride_ln
     tl.store(p_lse, b_lse, mask=m_q)
 
 
-def block_sparse_attn_fwd(
+def block_sparse_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -154,17 +121,16 @@ def block_sparse_attn_fwd(
     has_order = token_order is not None
     order_arg = token_order if has_order else kv_counts  # dummy pointer, never read
     kv_order_arg = kv_token_order if kv_token_order is not None else order_arg
-    block_d = max(16, triton.next_power_of_2(D))
     grid = (num_q_blocks, B * H)
-    _block_sparse_attn_fwd[grid](
+    block_sparse_attention_fwd_kernel[grid](
         q, k, v, o, lse,
         kv_counts, kv_indices, order_arg, kv_order_arg,
-        scale * 1.4426950408889634,
+        scale * LOG2E_PY,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
         cb, ch, kv_counts.stride(2),
         ib, ih, kv_indices.stride(2), kv_indices.stride(3),
         H, N, D,
-        BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=block_d,
+        BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=head_dim_block(D),
         HAS_ORDER=has_order,
     )
     return o, lse

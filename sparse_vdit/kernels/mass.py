@@ -1,4 +1,4 @@
-"""Triton kernel for block-level attention statistics (calibration).
+"""Triton kernel for block-level attention mass (calibration and analysis statistics).
 
 Given the natural-log LSE of each query under dense attention (from the forward kernel), one program
 takes one query block of one (batch, head), walks every key block, and writes the attention
@@ -7,23 +7,18 @@ No score matrix is stored; the cost is one more pass of dense QK^T.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_attn import token_index
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)] if _INTERPRET else [
-    triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)
-]
+from .common import LOG2E, LOG2E_PY, autotune_configs, head_dim_block, load_query_block, token_index
 
 
-@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"])
+# The pointer/stride parameters repeat the attention kernel's on purpose: Triton kernels take flat
+# arguments; the shared prologue itself lives in common.load_query_block. (A `duplicates` row; justified.)
+@triton.autotune(configs=autotune_configs(stages=(2, 3)), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"])
 @triton.jit
-def _block_attn_mass(
+def block_attention_mass_kernel(
     q, k, lse, mass, token_order, kv_token_order,
     sm_scale_log2,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -38,17 +33,13 @@ def _block_attn_mass(
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < HEAD_DIM
-    i_q, m_q = token_index(token_order, o_m, N, HAS_ORDER)
-    p_q = q + i_b * stride_qb + i_h * stride_qh + i_q[:, None] * stride_qn + o_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+    b_q, i_q, m_q, o_d, m_d = load_query_block(q, token_order, i_b, i_h, i_m, stride_qb, stride_qh, stride_qn,
+                                               stride_qd, N, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ORDER)
     b_lse = tl.load(lse + i_b * stride_lb + i_h * stride_lh + i_q * stride_ln, mask=m_q, other=float("-inf"))
     # Rows without a valid query or without any key (lse = -inf) contribute nothing.
     m_row = m_q & (b_lse > float("-inf"))
-    b_lse2 = tl.where(m_row, b_lse * 1.4426950408889634, 0.0)  # log2 domain
+    b_lse2 = tl.where(m_row, b_lse * LOG2E, 0.0)  # log2 domain
     p_k_bh = k + i_b * stride_kb + i_h * stride_kh
     p_mass = mass + i_b * stride_mb + i_h * stride_mh + i_m * stride_mm
     for i_kb in range(0, NUM_KV_BLOCKS):
@@ -62,8 +53,9 @@ def _block_attn_mass(
         tl.store(p_mass + i_kb * stride_mk, tl.sum(tl.sum(b_p, 1), 0))
 
 
-def block_attn_mass(q, k, lse, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, num_kv_blocks):
-    """Launch the statistics kernel; inputs are validated by ``sparse_vdit.ops``.
+def block_attention_mass_fwd(q, k, lse, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks,
+                             num_kv_blocks):
+    """Launch the mass kernel; inputs are validated by ``sparse_vdit.ops``.
 
     q, k: [B, H, N, D]; lse: fp32 [B, H, N]; token_order / kv_token_order: int32 [L] or None.
     Returns fp32 [B, H, Mq, Mk]: summed probability mass per (query block, key block).
@@ -73,12 +65,12 @@ def block_attn_mass(q, k, lse, token_order, kv_token_order, scale, q_block, kv_b
     has_order = token_order is not None
     order_arg = token_order if has_order else lse  # dummy pointer, never read
     kv_order_arg = kv_token_order if kv_token_order is not None else order_arg
-    _block_attn_mass[(num_q_blocks, B * H)](
+    block_attention_mass_kernel[(num_q_blocks, B * H)](
         q, k, lse, mass, order_arg, kv_order_arg,
-        scale * 1.4426950408889634,
+        scale * LOG2E_PY,
         *q.stride(), *k.stride(), *lse.stride(), *mass.stride(),
         H, N, D, num_kv_blocks,
-        BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=head_dim_block(D),
         HAS_ORDER=has_order,
     )
     return mass

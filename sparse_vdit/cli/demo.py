@@ -42,19 +42,30 @@ def _save_frames(dense: torch.Tensor, sparse: torch.Tensor, path: pathlib.Path, 
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    import sparse_vdit as sv
-    from sparse_vdit.integration.tiny import tiny_wan_pipeline
-
-    p = argparse.ArgumentParser(prog="sparse-vdit demo", description=__doc__.split("\n\n")[0])
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("demo", help="dense vs sparse on an embedded tiny Wan model (no download)",
+                       description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for the plan, mask picture and frames")
     p.add_argument("--steps", type=int, default=10, help="denoising steps")
     p.add_argument("--uniform", default=None, metavar="MASK",
                    help="skip calibration: one mask kind (e.g. sliding_tile, radial) on every layer but the last")
     p.add_argument("--error-budget", type=float, default=0.05, help="calibration's per-head error budget")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and noise")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args, p) -> int:
+    import sparse_vdit as sv
+    from sparse_vdit.testing import tiny_wan_pipeline
+
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if not 0 < args.error_budget < 1:
+        p.error(f"--error-budget must lie in (0, 1), got {args.error_budget}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here; use --device cpu")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -86,7 +97,7 @@ def main(argv=None) -> int:
     dense_video, dense_s = generate()
 
     if args.uniform:
-        plan = sv.SparsityPlan.uniform(pipe.transformer, args.uniform, tile=(1, 4, 4), dense_steps=0.2, dense_layers=[-1])
+        plan = sv.uniform_plan(pipe.transformer, args.uniform, tile=(1, 4, 4), dense_steps=0.2, dense_layers=[-1])
     else:
         # Calibrate on a prompt other than the one generated below: each head gets the sparsest
         # candidate whose output error stays within the budget, else stays dense.
@@ -122,7 +133,3 @@ def main(argv=None) -> int:
     _save_frames(dense_video, sparse_video, frames_png, psnr)
     print(f"saved: {plan_path}, {masks_png}, {frames_png}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,12 +5,9 @@ import argparse
 import pathlib
 
 
-def main(argv=None) -> int:
-    import torch
-
-    import sparse_vdit as sv
-
-    p = argparse.ArgumentParser(prog="sparse-vdit calibrate", description=__doc__)
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("calibrate", help="choose per-head masks for a model and write the plan with a report",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a local diffusers pipeline folder or a hub id (needs its weights)")
     src.add_argument("--tiny", nargs="?", const="wan", metavar="FAMILY",
@@ -30,11 +27,19 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None, help="partial results file, to stop and resume")
     p.add_argument("--global-budget", type=float, default=None,
                    help="bound on the end-to-end output error, checked on the last prompt (held out)")
-    args = p.parse_args(argv)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args, p) -> int:
+    import torch
+
+    import sparse_vdit as sv
+
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     tile = tuple(int(x) for x in args.tile.split(","))
     if args.tiny and args.tiny != "wan":
-        from sparse_vdit.integration.tiny_families import FAMILIES, make
+        from sparse_vdit.testing import FAMILIES, make
 
         if args.tiny not in FAMILIES:
             p.error(f"--tiny {args.tiny!r}: valid families are {list(FAMILIES)}")
@@ -52,7 +57,7 @@ def main(argv=None) -> int:
         kw = dict(run=run, num_prompts=n - (1 if args.global_budget else 0))
         tile = (1, 4, 4) if args.tile == "1,8,8" else tile
     elif args.tiny:
-        from sparse_vdit.integration.tiny import tiny_wan_pipeline
+        from sparse_vdit.testing import tiny_wan_pipeline
 
         target = pipe = tiny_wan_pipeline()
         pipe.set_progress_bar_config(disable=True)

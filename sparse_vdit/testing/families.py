@@ -21,7 +21,7 @@ def make(family: str, seed: int = 0):
     """(model, call) for ``family`` in wan, hunyuan_video, cogvideox, ltx_video, mochi."""
     torch.manual_seed(seed)
     if family == "wan":
-        from .tiny import tiny_wan_transformer
+        from .wan import tiny_wan_transformer
 
         model = tiny_wan_transformer(num_layers=2, seed=seed)
 

@@ -1,0 +1,86 @@
+"""Command line: ``sparse-vdit demo | calibrate | inspect | bench``, one module per subcommand, each
+with ``add_parser(sub)`` and ``run(args, parser)``.
+
+A mistake a user can make (a bad value, a missing file, a plan that does not fit) ends in one
+message and exit code 2, never a traceback; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pathlib
+import sys
+
+from . import calibrate, demo, inspect
+
+BENCHMARKS = {"kernel": "bench_kernel", "e2e": "bench_e2e", "calibration": "bench_calibration"}
+
+
+def benchmarks_module(name: str):
+    """A module of ``benchmarks/`` (beside the package in a source checkout; it uses only the public API)."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    if (root / "benchmarks" / f"{name}.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    except ImportError as e:
+        raise SystemExit(f"sparse-vdit bench needs a source checkout with benchmarks/{name}.py ({e})") from e
+
+
+def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What every subcommand takes: --debug (after the subcommand too), and its own parser for errors."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    p.set_defaults(cli_parser=p)
+    return p
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: kernel | e2e | calibration (source checkout)",
+                       description="Benchmarks; results go to benchmarks/results/ with the device name.")
+    kinds = p.add_subparsers(dest="bench", metavar="{" + ",".join(BENCHMARKS) + "}", required=True)
+    for kind, module_name in BENCHMARKS.items():
+        try:
+            module = benchmarks_module(module_name)
+        except SystemExit:
+            module = None
+        doc = (module.__doc__ or "").split("\n\n")[0] if module else f"needs benchmarks/{module_name}.py"
+        bp = kinds.add_parser(kind, help=doc.splitlines()[0] if doc else kind, description=doc,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _common(bp)
+        if module is not None:
+            module.add_arguments(bp)
+            bp.set_defaults(func=lambda args, parser, m=module: m.run(args, parser) and 0)
+        else:
+            bp.set_defaults(func=lambda args, parser, n=module_name: parser.error(
+                f"needs a source checkout with benchmarks/{n}.py"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="sparse-vdit", description="Sparse attention for video diffusion transformers.")
+    parser.add_argument("--version", action="version", version=f"sparse_vdit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,calibrate,inspect,bench}", required=True)
+    for module in (demo, calibrate, inspect):
+        _common(module.add_parser(sub))
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    sub = args.cli_parser  # the subcommand's parser, so its error messages name it
+    try:
+        return args.func(args, sub) or 0
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            RuntimeError, ImportError, OSError) as e:
+        if args.debug:
+            raise
+        sub.error(f"{type(e).__name__}: {e}  (--debug shows the traceback)")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

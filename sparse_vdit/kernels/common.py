@@ -1,0 +1,56 @@
+"""What the kernels share: the constants of the exp2/log2 domain, the autotune space and the
+token-index lookup through a tiled order."""
+from __future__ import annotations
+
+import math
+import os
+
+import triton
+import triton.language as tl
+
+# Softmax runs in base 2 (exp2 is one instruction): logits are scaled by log2(e) and LSEs brought
+# back to natural log by ln(2).
+LOG2E: tl.constexpr = tl.constexpr(1.0 / math.log(2.0))
+LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+LOG2E_PY = 1.0 / math.log(2.0)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_configs(stages=(2, 3, 4)) -> list:
+    """Warps and stages only: block size is a property of the mask (semantic), never tuned. Under
+    the interpreter one config (tuning there is meaningless and slow)."""
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in stages]
+
+
+@triton.jit
+def token_index(order, o_pos, N, HAS_ORDER: tl.constexpr):
+    """Model token index of tiled positions ``o_pos`` and whether a token sits there (not padding)."""
+    if HAS_ORDER:
+        i_tok = tl.load(order + o_pos)
+        m_tok = i_tok >= 0
+        i_tok = tl.where(m_tok, i_tok, 0)
+    else:
+        i_tok = o_pos
+        m_tok = o_pos < N
+    return i_tok, m_tok
+
+
+@triton.jit
+def load_query_block(q, token_order, i_b, i_h, i_m,
+                     stride_qb, stride_qh, stride_qn, stride_qd, N, HEAD_DIM,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDER: tl.constexpr):
+    """The prologue both kernels share: a query block's token indices, validity and values."""
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] positions in the (tiled) sequence
+    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    m_d = o_d < HEAD_DIM
+    i_q, m_q = token_index(token_order, o_m, N, HAS_ORDER)  # [BM] token index in model order
+    p_q = q + i_b * stride_qb + i_h * stride_qh + i_q[:, None] * stride_qn + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+    return b_q, i_q, m_q, o_d, m_d
+
+
+def head_dim_block(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))

@@ -1,0 +1,58 @@
+"""The attention seam at the model's layout ``[B, N, H, D]`` (what diffusers processors hold after
+their projections): the processor's default strategy, calibration and analysis all call these, so
+none of them reaches into another layer's privates.
+
+``key_valid`` (bool ``[B, N]``, model order) marks keys that may be attended (False for padded text
+tokens): each batch element then gets a key order of its own that leaves the others out (no
+data-dependent branch, so it compiles).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .attention import block_sparse_attention
+from .mask import BlockSparseMask
+from .mass import block_attention_mass
+from .order import key_order
+
+
+def _per_batch(fn: Callable, token_order: torch.Tensor, key_valid: torch.Tensor | None, *tensors: torch.Tensor):
+    """``fn(*tensors_in_bhnd, kv_token_order)`` over the whole batch, or once per batch element with
+    that element's key order when ``key_valid`` is given; results concatenated along batch."""
+    heads_first = [x.transpose(1, 2) for x in tensors]  # views, no copies
+    if key_valid is None:
+        return fn(*heads_first, None)
+    outs = [fn(*(x[b:b + 1] for x in heads_first), key_order(token_order, key_valid[b]))
+            for b in range(tensors[0].shape[0])]
+    return torch.cat(outs)
+
+
+def sparse_attention(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, *, key_valid=None, backend=None,
+                     scale=None, check: bool = False) -> torch.Tensor:
+    """Block-sparse attention on ``[B, N, H, D]`` tensors in model order; output ``[B, N, H, D]``.
+    ``token_order`` is the mask's layout order (``VideoLayout.token_order``)."""
+    def run(qh, kh, vh, kv_order):
+        return block_sparse_attention(qh, kh, vh, mask, token_order=token_order, kv_token_order=kv_order,
+                                      backend=backend, scale=scale, check=check)
+
+    return _per_batch(run, token_order, key_valid, q, k, v).transpose(1, 2)
+
+
+def dense_attention(q, k, v, *, key_valid=None, scale=None) -> torch.Tensor:
+    """Dense attention (SDPA: flash / cuDNN / efficient on CUDA) on ``[B, N, H, D]``."""
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    attn_mask = None if key_valid is None else key_valid[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale).transpose(1, 2)
+
+
+@torch.no_grad()
+def attention_mass(q, k, block_size: int, token_order: torch.Tensor, *, key_valid=None, backend=None) -> torch.Tensor:
+    """fp32 ``[B, H, Mq, Mk]``: mean dense-attention probability mass each query block gives each key
+    block of the tiled sequence (rows sum to 1). q, k: ``[B, N, H, D]`` in model order."""
+    def run(qh, kh, kv_order):
+        return block_attention_mass(qh, kh, block_size, token_order=token_order, kv_token_order=kv_order,
+                                    backend=backend)
+
+    return _per_batch(run, token_order, key_valid, q, k)

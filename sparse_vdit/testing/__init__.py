@@ -1,0 +1,7 @@
+"""Tiny random-weight diffusers models for tests, the demo and dry runs (no download): a whole Wan
+pipeline with planted local attention (:mod:`.wan`), and one tiny transformer per family with
+matching forward inputs (:mod:`.families`)."""
+from .families import FAMILIES, make
+from .wan import plant_local_attention, plant_sink_frame, tiny_wan_pipeline, tiny_wan_transformer
+
+__all__ = ["FAMILIES", "make", "plant_local_attention", "plant_sink_frame", "tiny_wan_pipeline", "tiny_wan_transformer"]
