@@ -186,15 +186,12 @@ def save(device, rows, tag: str) -> pathlib.Path:
 
 def plot(rows, path, device: str):
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from sparse_vdit.viz import figure
     except ImportError:
         print("matplotlib not installed: no plot (pip install sparse_vdit[plot])")
         return
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    fig, axes = figure(1, len(shapes), figsize=(5 * len(shapes), 4), dpi=110)
     for ax, s in zip(axes[0], shapes):
         rs = sorted((r for r in rows if r["shape"] == s), key=lambda r: r["density"])
         d = [r["density"] for r in rs]
@@ -211,8 +208,7 @@ def plot(rows, path, device: str):
         ax.legend(fontsize=7)
     fig.suptitle(f"block-sparse attention, {device}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

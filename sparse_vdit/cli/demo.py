@@ -20,11 +20,10 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _save_frames(dense: torch.Tensor, sparse: torch.Tensor, path: pathlib.Path, psnr: float) -> None:
-    from .viz import _plt
+    from ..viz import figure
 
-    plt = _plt()
     idx = torch.linspace(0, dense.shape[0] - 1, 4).round().long().tolist()
-    fig, axes = plt.subplots(3, len(idx), figsize=(2.6 * len(idx), 8))
+    fig, axes = figure(3, len(idx), figsize=(2.6 * len(idx), 8), dpi=90)
     for j, f in enumerate(idx):
         d = dense[f].permute(1, 2, 0).clamp(0, 1).numpy()
         s = sparse[f].permute(1, 2, 0).clamp(0, 1).numpy()
@@ -38,8 +37,7 @@ def _save_frames(dense: torch.Tensor, sparse: torch.Tensor, path: pathlib.Path, 
         axes[0, j].set_title(f"frame {f}", fontsize=9)
     fig.suptitle(f"tiny Wan (random weights, planted local attention): sparse vs dense, PSNR {psnr:.1f} dB", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fig.savefig(path)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
