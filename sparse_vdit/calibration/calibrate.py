@@ -13,6 +13,7 @@ import json
 import math
 import pathlib
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -70,7 +71,8 @@ class MeasuringAttention(AttentionStrategy):
             if len(self._cand_masks) >= _MAX_CACHED:
                 self._cand_masks.clear()
             blocks = [block_matrix(c, layout).to(device) for c in self.candidates]
-            masks = [BlockSparseMask.from_dense(b.expand(heads, -1, -1), layout.block_size) for b in blocks]
+            masks = [BlockSparseMask.from_dense(b.expand(heads, -1, -1), layout.block_size).for_token_order(
+                layout.order_digest) for b in blocks]
             self._cand_masks[key] = (blocks, masks)
         blocks, masks = self._cand_masks[key]
         order = layout.token_order(device)
@@ -100,8 +102,47 @@ class MeasuringAttention(AttentionStrategy):
             for h, frames in enumerate(sinks):
                 if frames:
                     per_head[h][:, sink_blocks({"frames": frames}, layout).to(device)] = True
-            self._sink_masks[key] = BlockSparseMask.from_dense(per_head, layout.block_size)
+            self._sink_masks[key] = BlockSparseMask.from_dense(per_head, layout.block_size).for_token_order(
+                layout.order_digest)
         return self._sink_masks[key]
+
+
+def _check_embeds(name: str, embeds: list, transformer) -> None:
+    width = adapter_for(transformer).text_embed_dim(transformer)
+    for i, e in enumerate(embeds):
+        if not isinstance(e, torch.Tensor) or e.dim() != 3:
+            raise ValueError(f"{name}[{i}] must be a tensor [1, tokens, width], got "
+                             f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
+        if width is not None and e.shape[-1] != width:
+            raise ValueError(f"{name}[{i}] has width {e.shape[-1]}, but {type(transformer).__name__} takes prompt "
+                             f"embeddings of width {width} (its text encoder's hidden size)")
+
+
+def _calibration_prompts(target, transformer, prompts, prompt_embeds) -> list:
+    """The prompts (strings) or prompt embeddings (tensors [1, T, width]) to calibrate on, checked."""
+    if prompts is not None and prompt_embeds is not None:
+        raise ValueError("give prompts or prompt_embeds, not both")
+    if prompt_embeds is not None:
+        items = list(prompt_embeds.unbind(0)) if isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.dim() == 4 \
+            else [prompt_embeds] if isinstance(prompt_embeds, torch.Tensor) else list(prompt_embeds)
+        if not items:
+            raise ValueError("prompt_embeds is empty: give at least one tensor [1, tokens, width]")
+        _check_embeds("prompt_embeds", items, transformer)
+        return items
+    if prompts is None:
+        raise ValueError("give prompts=[...] (a list of strings) or prompt_embeds=[...] (or a run callable)")
+    if isinstance(prompts, str):
+        raise TypeError(f"prompts must be a list of strings, got one string ({prompts[:40]!r}): use prompts=[{prompts[:40]!r}]")
+    items = list(prompts)
+    bad = [type(p).__name__ for p in items if not isinstance(p, str) or not p.strip()]
+    if not items or bad:
+        raise TypeError(f"prompts must be a non-empty list of non-empty strings, got {len(items)} items"
+                        + (f" including {bad[0]}" if bad else ""))
+    missing = [n for n in ("tokenizer", "text_encoder") if getattr(target, n, "absent") is None]
+    if missing:
+        raise ValueError(f"this pipeline has no {' / '.join(missing)}, so it cannot encode text prompts: give "
+                         "prompt_embeds=[...] (and negative_prompt_embeds for classifier-free guidance)")
+    return items
 
 
 def _sample_steps(num_steps: int, sample: Sequence[float] | None) -> list[int]:
@@ -230,11 +271,22 @@ def calibrate(
     if not cand or any(c["kind"] == "dense" for c in cand):
         raise ValueError("candidates must be a non-empty list of sparse mask specs (dense is always the fallback)")
     if run is None:
-        items = list(prompt_embeds) if prompt_embeds is not None else list(prompts or [])
-        if not items:
-            raise ValueError("give prompts=[...] or prompt_embeds=[...] (or a run callable)")
         if not hasattr(target, "transformer"):
             raise ValueError("a bare transformer needs run=callable(transformer, prompt_index)")
+        items = _calibration_prompts(target, transformer, prompts, prompt_embeds)
+        if prompt_embeds is not None:
+            _check_embeds("negative_prompt_embeds", [negative_prompt_embeds] if negative_prompt_embeds is not None else [],
+                          transformer)
+            if negative_prompt_embeds is None:
+                cfg = pipe_kwargs.get("guidance_scale")
+                if cfg is not None and cfg > 1:
+                    raise ValueError(f"guidance_scale={cfg} needs negative_prompt_embeds when prompt_embeds are given "
+                                     "(the pipeline cannot encode a negative prompt itself): pass negative_prompt_embeds, "
+                                     "or guidance_scale=1.0 for no classifier-free guidance")
+                if cfg is None:
+                    warnings.warn("calibrating without classifier-free guidance (guidance_scale=1.0): no "
+                                  "negative_prompt_embeds were given; pass them to calibrate with CFG", stacklevel=2)
+                    pipe_kwargs["guidance_scale"] = 1.0
 
         def run(pipe, i):
             gen = torch.Generator(device="cpu").manual_seed(seed + i)

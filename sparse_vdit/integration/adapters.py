@@ -42,6 +42,12 @@ class ModelAdapter:
     mirrors: tuple[str, str] = ("", "")  # (diffusers file::processor class, diffusers version)
     text_position: str = "after"
     timestep_index: int = 1  # position of `timestep` in the transformer's forward
+    text_dim_key: str = "text_embed_dim"  # the config key of the prompt embedding width
+
+    def text_embed_dim(self, model) -> int | None:
+        """Width of the prompt embeddings the transformer takes (None if its config does not say)."""
+        value = getattr(model.config, self.text_dim_key, None)
+        return int(value) if value is not None else None
 
     def matches(self, model) -> bool:
         return type(model).__name__ in self.model_classes
@@ -92,6 +98,7 @@ class WanAdapter(ModelAdapter):
     family = "wan"
     model_classes = ("WanTransformer3DModel",)
     mirrors = ("models/transformers/transformer_wan.py::WanAttnProcessor", "0.42.1")
+    text_dim_key = "text_dim"
 
     def attention_layers(self, model):
         return [(f"blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.blocks)]
@@ -282,6 +289,7 @@ class LTXVideoAdapter(ModelAdapter):
     family = "ltx_video"
     model_classes = ("LTXVideoTransformer3DModel",)
     mirrors = ("models/transformers/transformer_ltx.py::LTXVideoAttnProcessor", "0.42.1")
+    text_dim_key = "caption_channels"
     timestep_index = 2
 
     def attention_layers(self, model):

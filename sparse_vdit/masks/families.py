@@ -261,6 +261,10 @@ def build(
 ) -> BlockSparseMask:
     """Build a ``BlockSparseMask`` ``[1, H, M, M]`` from one spec (shared by ``heads`` heads, or
     broadcast when ``heads`` is None) or a list of specs, one per head."""
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a VideoLayout, got {type(layout).__name__}")
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ValueError(f"heads must be a positive int (or None to broadcast one head row), got {heads!r}")
     if isinstance(spec, (list, tuple)):
         specs = list(spec)
         if heads is not None and heads != len(specs):
@@ -279,4 +283,4 @@ def build(
     blocks = torch.stack(mats).unsqueeze(0)
     if device is not None:
         blocks = blocks.to(device)
-    return BlockSparseMask.from_dense(blocks, layout.block_size)
+    return BlockSparseMask.from_dense(blocks, layout.block_size).for_token_order(layout.order_digest)

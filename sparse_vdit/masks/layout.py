@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from ..ops import tiled_position
+from ..ops import order_digest, tiled_position
 
 TEXT_POSITIONS = ("before", "after")
 
@@ -134,6 +134,11 @@ class VideoLayout:
         text = torch.full((self.num_text_blocks * self.block_size,), -1, dtype=torch.long)
         text[: self.text_len] = self.text_offset + torch.arange(self.text_len)
         return torch.cat([video, text]).to(torch.int32)
+
+    @cached_property
+    def order_digest(self) -> tuple[int, int]:
+        """Fingerprint of :meth:`token_order`; masks built on this layout record it."""
+        return order_digest(self._token_order_cpu)
 
     def token_order(self, device: torch.device | str | None = None) -> torch.Tensor:
         """int32 ``[padded_len]``: tiled position -> model token index, -1 for padding.

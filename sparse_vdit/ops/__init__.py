@@ -4,7 +4,7 @@ from .attention import BACKENDS, block_sparse_attention, default_backend
 from .mask import BlockSparseMask
 from .mass import block_attention_mass
 from .model_layout import attention_mass, dense_attention, sparse_attention
-from .order import key_order, tiled_position
+from .order import key_order, order_digest, tiled_position
 from .reference import reference_attention, token_mask
 from .torch_backend import torch_block_sparse_attention
 
@@ -17,6 +17,7 @@ __all__ = [
     "default_backend",
     "dense_attention",
     "key_order",
+    "order_digest",
     "reference_attention",
     "sparse_attention",
     "tiled_position",

@@ -6,7 +6,8 @@ import os
 import torch
 
 from .mask import BlockSparseMask
-from .torch_backend import torch_block_sparse_attention
+from .order import order_digest
+from .torch_backend import torch_block_sparse_attention, torch_block_sparse_attention_bwd
 
 BACKENDS = ("triton", "torch", "flex")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,6 +54,53 @@ def block_sparse_attention_op(
 def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend):
     B, H, N, D = q.shape
     return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_vdit::block_sparse_attention_bwd", mutates_args=())
+def block_sparse_attention_bwd_op(
+    grad_o: torch.Tensor,
+    grad_lse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    token_order: torch.Tensor | None,
+    kv_token_order: torch.Tensor | None,
+    scale: float,
+    q_block: int,
+    kv_block: int,
+    num_q_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the forward, by the torch backend's block-gather backward (exact; any device;
+    memory as the torch forward). The same function whichever backend ran the forward."""
+    return torch_block_sparse_attention_bwd(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order,
+                                            kv_token_order, scale, q_block, kv_block, num_q_blocks)
+
+
+@block_sparse_attention_bwd_op.register_fake
+def _(grad_o, grad_lse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, _ = inputs
+    ctx.save_for_backward(q, k, v, kv_counts, kv_indices, token_order, kv_token_order)
+    ctx.meta = (scale, q_block, kv_block, num_q_blocks)
+
+
+def _backward(ctx, grad_o, grad_lse):
+    q, k, v, kv_counts, kv_indices, token_order, kv_token_order = ctx.saved_tensors
+    if grad_o is None:
+        grad_o = torch.zeros_like(q)
+    if grad_lse is None:
+        grad_lse = q.new_zeros(q.shape[:3], dtype=torch.float32)
+    dq, dk, dv = block_sparse_attention_bwd_op(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order,
+                                               kv_token_order, *ctx.meta)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -113,9 +161,19 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
     if token_order is None:
         if kv_token_order is not None:
             raise ValueError("kv_token_order needs token_order (the query order) too")
+        if mask.token_order_digest is not None:
+            raise ValueError("this mask was built on a VideoLayout, whose blocks are tiles of the tiled order: pass "
+                             "token_order=layout.token_order(q.device) (without it the blocks would be raster runs)")
         mask.check_seq_len(N)
         return
     _check_order("token_order", token_order, q, mask, N)
+    if mask.token_order_digest is not None and not torch.compiler.is_compiling():
+        given = order_digest(token_order)
+        if given != tuple(mask.token_order_digest):
+            raise ValueError(
+                f"token_order is not the order of the layout this mask was built for (mask: {mask.token_order_digest[0]} "
+                f"positions, checksum {mask.token_order_digest[1]}; given: {given[0]} positions, checksum {given[1]}): "
+                "use the token_order of the same VideoLayout as the mask")
     mask.check_seq_len(N, padded_len=token_order.numel())
     if kv_token_order is not None:
         _check_order("kv_token_order", kv_token_order, q, mask, N)

@@ -65,6 +65,9 @@ class BlockSparseMask:
     q_block: int
     kv_block: int
     num_kv_blocks: int
+    # (length, checksum) of the token order of the layout the mask was built for (``VideoLayout``),
+    # or None for a mask over plain token order. The attention entry checks the order it is given.
+    token_order_digest: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -150,7 +153,11 @@ class BlockSparseMask:
 
     def to(self, device) -> "BlockSparseMask":
         return BlockSparseMask(self.kv_counts.to(device), self.kv_indices.to(device),
-                               self.q_block, self.kv_block, self.num_kv_blocks)
+                               self.q_block, self.kv_block, self.num_kv_blocks, self.token_order_digest)
+
+    def for_token_order(self, digest: tuple[int, int] | None) -> "BlockSparseMask":
+        """The same blocks, recorded as built for the token order with this ``order_digest``."""
+        return BlockSparseMask(self.kv_counts, self.kv_indices, self.q_block, self.kv_block, self.num_kv_blocks, digest)
 
     # ------------------------------------------------------------------ conversions
     def to_dense(self) -> torch.Tensor:

@@ -6,6 +6,69 @@ from __future__ import annotations
 import torch
 
 
+class _Gathered:
+    """The tiled, block-gathered view of one call that the torch forward and backward share."""
+
+    def __init__(self, q, k, v, kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks):
+        B, H, N, D = q.shape
+        self.shape = (B, H, N, D)
+        self.compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.q_block, self.kv_block, self.num_q_blocks = q_block, kv_block, num_q_blocks
+        L = self.L = num_q_blocks * q_block
+        if token_order is None:
+            order = torch.arange(L, device=q.device)
+            order = torch.where(order < N, order, torch.full_like(order, -1))
+        else:
+            order = token_order.long()
+        self.order = order
+        self.valid_pos = order >= 0
+        self.gather = order.clamp(min=0)
+        self.kv_gather = self.gather if kv_token_order is None else kv_token_order.long().clamp(min=0)
+        # Key blocks span the tiled sequence; without a token order they may reach past the query blocks.
+        self.Lk = L if token_order is not None else max(L, -(-N // kv_block) * kv_block)
+        self.qt = self.tiled(q, L, self.gather).view(B, H, num_q_blocks, q_block, D)
+        self.kt = self.tiled(k, self.Lk, self.kv_gather)
+        self.vt = self.tiled(v, self.Lk, self.kv_gather)
+        key_order_valid = self.valid_pos if kv_token_order is None else kv_token_order >= 0
+        self.key_valid = torch.nn.functional.pad(key_order_valid, (0, self.Lk - L))
+        Bm, Hm = kv_counts.shape[:2]
+        K = kv_indices.shape[-1]
+        counts = kv_counts.long().expand(B if Bm == 1 else Bm, H if Hm == 1 else Hm, -1)
+        idx = kv_indices.long().expand(B if Bm == 1 else Bm, H if Hm == 1 else Hm, -1, -1)
+        slot_valid = torch.arange(K, device=q.device) < counts.unsqueeze(-1)  # [B, H, Mq, K]
+        tok = (idx.unsqueeze(-1) * kv_block + torch.arange(kv_block, device=q.device))  # [B, H, Mq, K, bk]
+        self.tok = tok.flatten(-2)  # [B, H, Mq, K*bk] tiled key positions per query block
+        self.visible = slot_valid.repeat_interleave(kv_block, dim=-1) & self.key_valid[self.tok]
+
+    def tiled(self, x, pad_len, idx):
+        xt = x.to(self.compute)[:, :, idx]  # [B, H, L, D]
+        if pad_len > self.L:
+            xt = torch.nn.functional.pad(xt, (0, 0, 0, pad_len - self.L))
+        return xt
+
+    def head(self, h, scale):
+        """For head ``h``: probabilities p [B, Mq, bq, K*bk] (0 on rows without keys), lse
+        [B, Mq, bq], and the gathered keys and values [B, Mq, K*bk, D]. Memory is bounded by one head."""
+        D = self.shape[3]
+        tok_h = self.tok[:, h]  # [B, Mq, K*bk]
+        idx = tok_h.unsqueeze(-1).expand(-1, -1, -1, D)
+        kg = torch.gather(self.kt[:, h].unsqueeze(1).expand(-1, self.num_q_blocks, -1, -1), 2, idx)
+        vg = torch.gather(self.vt[:, h].unsqueeze(1).expand(-1, self.num_q_blocks, -1, -1), 2, idx)
+        s = torch.einsum("bmqd,bmkd->bmqk", self.qt[:, h], kg) * scale
+        s = s.masked_fill(~self.visible[:, h].unsqueeze(2), float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        empty = torch.isinf(lse)
+        p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse).unsqueeze(-1))
+        return p, lse, kg, vg
+
+    def to_model_order(self, xt, like, fill=0.0):
+        """[B, H, L, ...] in tiled order -> [B, H, N, ...] in model order (positions without a token dropped)."""
+        B, H, N = self.shape[:3]
+        out = torch.full((B, H, N, *xt.shape[3:]), fill, dtype=like, device=xt.device)
+        out[:, :, self.order[self.valid_pos]] = xt[:, :, :self.L][:, :, self.valid_pos].to(like)
+        return out
+
+
 # Same parameters as the Triton launcher (kernels.block_sparse_attention_fwd) and the custom op
 # (ops.attention.block_sparse_attention_op), on purpose: the op dispatches to either backend with one
 # call, and torch.library needs the parameters spelled out. (A `duplicates` row; justified.)
@@ -26,66 +89,52 @@ def torch_block_sparse_attention(
 
     Computes in fp32 (or float64 when given float64) and visits only listed key blocks.
     """
+    g = _Gathered(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks)
     B, H, N, D = q.shape
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    L = num_q_blocks * q_block
-    if token_order is None:
-        order = torch.arange(L, device=q.device)
-        order = torch.where(order < N, order, torch.full_like(order, -1))
-    else:
-        order = token_order.long()
-    valid_pos = order >= 0
-    gather = order.clamp(min=0)
-
-    kv_gather = gather if kv_token_order is None else kv_token_order.long().clamp(min=0)
-
-    def tiled(x, pad_len, idx):
-        xt = x.to(compute)[:, :, idx]  # [B, H, L, D]
-        if pad_len > L:
-            xt = torch.nn.functional.pad(xt, (0, 0, 0, pad_len - L))
-        return xt
-
-    # Key blocks span the tiled sequence; without a token order they may reach past the query blocks.
-    Lk = L if token_order is not None else max(L, -(-N // kv_block) * kv_block)
-    qt = tiled(q, L, gather).view(B, H, num_q_blocks, q_block, D)
-    kt = tiled(k, Lk, kv_gather)
-    vt = tiled(v, Lk, kv_gather)
-    key_order_valid = valid_pos if kv_token_order is None else kv_token_order >= 0
-    key_valid = torch.nn.functional.pad(key_order_valid, (0, Lk - L))
-
-    Bm, Hm = kv_counts.shape[:2]
-    K = kv_indices.shape[-1]
-    counts = kv_counts.long().expand(B if Bm == 1 else Bm, H if Hm == 1 else Hm, -1)
-    idx = kv_indices.long().expand(B if Bm == 1 else Bm, H if Hm == 1 else Hm, -1, -1)
-    slot_valid = torch.arange(K, device=q.device) < counts.unsqueeze(-1)  # [B, H, Mq, K]
-    tok = (idx.unsqueeze(-1) * kv_block + torch.arange(kv_block, device=q.device))  # [B, H, Mq, K, bk]
-    tok = tok.flatten(-2)  # [B, H, Mq, K*bk]
-    visible = slot_valid.repeat_interleave(kv_block, dim=-1) & key_valid[tok]
-
-    out = torch.empty(B, H, num_q_blocks, q_block, D, dtype=compute, device=q.device)
-    lse = torch.empty(B, H, num_q_blocks, q_block, dtype=compute, device=q.device)
-    # Loop over heads to bound memory at [B, Mq, bq, K*bk].
-    for h in range(H):
-        tok_h = tok[:, h]  # [B, Mq, K*bk]
-        kg = torch.gather(kt[:, h].unsqueeze(1).expand(-1, num_q_blocks, -1, -1), 2,
-                          tok_h.unsqueeze(-1).expand(-1, -1, -1, D))
-        vg = torch.gather(vt[:, h].unsqueeze(1).expand(-1, num_q_blocks, -1, -1), 2,
-                          tok_h.unsqueeze(-1).expand(-1, -1, -1, D))
-        s = torch.einsum("bmqd,bmkd->bmqk", qt[:, h], kg) * scale
-        s = s.masked_fill(~visible[:, h].unsqueeze(2), float("-inf"))
-        lse_h = torch.logsumexp(s, dim=-1)
-        empty = torch.isinf(lse_h)
-        p = torch.exp(s - torch.where(empty, torch.zeros_like(lse_h), lse_h).unsqueeze(-1))
-        out[:, h] = torch.einsum("bmqk,bmkd->bmqd", p, vg).masked_fill(empty.unsqueeze(-1), 0.0)
+    out = torch.empty(B, H, num_q_blocks, q_block, D, dtype=g.compute, device=q.device)
+    lse = torch.empty(B, H, num_q_blocks, q_block, dtype=g.compute, device=q.device)
+    for h in range(H):  # one head at a time bounds memory at [B, Mq, bq, K*bk]
+        p, lse_h, _, vg = g.head(h, scale)
+        out[:, h] = torch.einsum("bmqk,bmkd->bmqd", p, vg)
         lse[:, h] = lse_h
+    return (g.to_model_order(out.view(B, H, g.L, D), q.dtype),
+            g.to_model_order(lse.view(B, H, g.L), torch.float32, fill=float("-inf")))
 
-    out = out.view(B, H, L, D)
-    lse = lse.view(B, H, L)
-    o = q.new_zeros(B, H, N, D)
-    lse_out = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
-    o[:, :, order[valid_pos]] = out[:, :, valid_pos].to(q.dtype)
-    lse_out[:, :, order[valid_pos]] = lse[:, :, valid_pos].to(torch.float32)
-    return o, lse_out
+
+def torch_block_sparse_attention_bwd(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order, kv_token_order,
+                                     scale, q_block, kv_block, num_q_blocks):
+    """(dq, dk, dv) of :func:`torch_block_sparse_attention` (FlashAttention's backward algebra on the
+    visited blocks: dS = P * (dO V^T - rowsum(dO * O) + dLSE)), in the inputs' dtypes."""
+    g = _Gathered(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks)
+    B, H, N, D = q.shape
+    Mq = num_q_blocks
+    do_t = g.tiled(grad_o, g.L, g.gather).view(B, H, Mq, q_block, D)
+    dlse_t = grad_lse.to(g.compute)[:, :, g.gather].view(B, H, Mq, q_block)
+    row_ok = g.valid_pos.view(Mq, q_block)
+    dqt = torch.zeros(B, H, Mq, q_block, D, dtype=g.compute, device=q.device)
+    dkt = torch.zeros(B, H, g.Lk, D, dtype=g.compute, device=q.device)
+    dvt = torch.zeros_like(dkt)
+    for h in range(H):
+        p, _, kg, vg = g.head(h, scale)  # [B, Mq, bq, Kb], [B, Mq, Kb, D]
+        do_h = do_t[:, h] * row_ok[..., None]  # padding rows carry no gradient
+        o_h = torch.einsum("bmqk,bmkd->bmqd", p, vg)
+        dp = torch.einsum("bmqd,bmkd->bmqk", do_h, vg)
+        delta = (do_h * o_h).sum(-1, keepdim=True)
+        ds = p * (dp - delta + (dlse_t[:, h] * row_ok).unsqueeze(-1))
+        dqt[:, h] = torch.einsum("bmqk,bmkd->bmqd", ds, kg) * scale
+        dk_g = torch.einsum("bmqk,bmqd->bmkd", ds, g.qt[:, h]) * scale  # [B, Mq, Kb, D]
+        dv_g = torch.einsum("bmqk,bmqd->bmkd", p, do_h)
+        tok_h = g.tok[:, h].reshape(B, -1)  # [B, Mq*Kb] tiled key positions
+        dkt[:, h].scatter_add_(1, tok_h.unsqueeze(-1).expand(-1, -1, D), dk_g.reshape(B, -1, D))
+        dvt[:, h].scatter_add_(1, tok_h.unsqueeze(-1).expand(-1, -1, D), dv_g.reshape(B, -1, D))
+    dq = g.to_model_order(dqt.view(B, H, g.L, D), q.dtype)
+    # Keys: tiled position -> model token through the key order; positions that are not keys carry 0.
+    kv_ok = g.key_valid[:g.L]
+    dk = torch.zeros(B, H, N, D, dtype=g.compute, device=q.device)
+    dv = torch.zeros_like(dk)
+    dk.index_add_(2, g.kv_gather[kv_ok], dkt[:, :, :g.L][:, :, kv_ok])
+    dv.index_add_(2, g.kv_gather[kv_ok], dvt[:, :, :g.L][:, :, kv_ok])
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def torch_block_attention_mass(q, k, lse, token_order, kv_token_order, scale, q_block, kv_block, Mq, Mk, chunk_bytes=1 << 28):
