@@ -39,6 +39,8 @@ def main(argv=None):
 
 
 def run(args, p):
+    if args.model not in MODELS:
+        p.error(f"unknown model {args.model!r}; valid: {list(MODELS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
         p.error("a real-size model needs a CUDA GPU; use --tiny for a smoke run")

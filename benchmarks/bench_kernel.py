@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import pathlib
 import statistics
 import time
@@ -229,6 +230,9 @@ def main(argv=None):
 
 def run(args, p):
     shapes = common.pick(p, QUICK_SHAPES if args.quick else SHAPES, args.shapes, "shapes")
+    if args.backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--backend triton: the Triton backend needs a CUDA device (this machine has none); "
+                "use --backend torch, or set TRITON_INTERPRET=1 for a (slow) interpreter run")
     if not torch.cuda.is_available():
         print("No CUDA device: timings below are CPU timings of the torch backend, not kernel performance.")
     device, rows = sweep(shapes, args.densities, getattr(torch, args.dtype), args.block, args.reps,

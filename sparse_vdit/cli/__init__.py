@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             RuntimeError, ImportError, OSError) as e:
         if args.debug:
             raise
-        sub.error(f"{type(e).__name__}: {e}  (--debug shows the traceback)")
+        lines = str(e).strip().splitlines() or [""]
+        more = " ..." if len(lines) > 1 else ""
+        sub.error(f"{type(e).__name__}: {lines[0]}{more}  (--debug shows the traceback)")
     return 2
 
 

@@ -14,16 +14,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="an embedded tiny model with random weights (no download): wan (a whole pipeline with "
                           "planted local attention; the default), hunyuan_video, cogvideox, ltx_video or mochi "
                           "(a transformer fed random latents)")
-    p.add_argument("--prompts", help="a text file, one prompt per line (with --model)")
-    p.add_argument("--out", default="plan.json")
-    p.add_argument("--report", default=None, help="folder for report pictures (default: beside --out)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--candidates", default="sliding_tile,radial,spatial,temporal")
-    p.add_argument("--error-budget", type=float, default=0.05)
-    p.add_argument("--tile", default="1,8,8")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompts", help="with --model: a text file, one prompt per line")
+    text.add_argument("--prompt-embeds", metavar="FILE.pt",
+                      help="with --model: torch.save'd prompt embeddings instead of text: a tensor [P, tokens, width] "
+                           "or a list of [1, tokens, width], or a dict with 'prompt_embeds' and optionally "
+                           "'negative_prompt_embeds' [1, tokens, width] (for a pipeline without a text encoder)")
+    p.add_argument("--out", default="plan.json", help="the plan file to write")
+    p.add_argument("--report", default=None, help="folder for the report pictures (default: beside --out)")
+    p.add_argument("--height", type=int, default=480, help="video height in pixels (with --model)")
+    p.add_argument("--width", type=int, default=832, help="video width in pixels (with --model)")
+    p.add_argument("--frames", type=int, default=81, help="video frames (with --model)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (the tiny models use at most 8)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the pipeline's own)")
+    p.add_argument("--candidates", default="sliding_tile,radial,spatial,temporal",
+                   help="comma-separated mask kinds to try per head (dense is always the fallback)")
+    p.add_argument("--error-budget", type=float, default=0.05,
+                   help="largest relative output error per head, in (0, 1)")
+    p.add_argument("--tile", default="1,8,8", help="tile t,h,w in latent tokens (volume a power of two >= 16)")
     p.add_argument("--checkpoint", default=None, help="partial results file, to stop and resume")
     p.add_argument("--global-budget", type=float, default=None,
                    help="bound on the end-to-end output error, checked on the last prompt (held out)")
@@ -31,18 +40,53 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _load_embeds(path: pathlib.Path):
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one user error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"--prompt-embeds {path}: not a torch.save file of tensors ({type(e).__name__}: {first[:120]})") from None
+    negative = None
+    if isinstance(data, dict):
+        if "prompt_embeds" not in data:
+            raise ValueError(f"--prompt-embeds {path}: a dict needs the key 'prompt_embeds' (got {sorted(data)})")
+        data, negative = data["prompt_embeds"], data.get("negative_prompt_embeds")
+    if isinstance(data, torch.Tensor) and data.dim() == 3:
+        data = [x.unsqueeze(0) for x in data]
+    if not isinstance(data, (list, tuple)) or not data:
+        raise ValueError(f"--prompt-embeds {path}: expected a tensor [P, tokens, width] or a list of [1, tokens, width]")
+    return list(data), negative
+
+
 def run(args, p) -> int:
     import torch
 
     import sparse_vdit as sv
+    from sparse_vdit.cli.inspect import parse_ints
 
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
-    tile = tuple(int(x) for x in args.tile.split(","))
+    try:
+        tile = parse_ints(args.tile, 3, "--tile")
+        sv.masks.check_tile(tile)
+        for c in candidates:
+            sv.masks.normalize_spec(c)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        p.error(str(e))
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if not 0 < args.error_budget < 1:
+        p.error(f"--error-budget must lie in (0, 1), got {args.error_budget}")
+    if args.global_budget is not None and not args.global_budget > 0:
+        p.error(f"--global-budget must be > 0, got {args.global_budget}")
+    if args.tiny and (args.prompts or args.prompt_embeds):
+        p.error("--prompts / --prompt-embeds go with --model (the tiny models make their own inputs)")
     if args.tiny and args.tiny != "wan":
         from sparse_vdit.testing import FAMILIES, make
 
         if args.tiny not in FAMILIES:
-            p.error(f"--tiny {args.tiny!r}: valid families are {list(FAMILIES)}")
+            p.error(f"--tiny {args.tiny!r}: valid families are {['wan', *[f for f in FAMILIES if f != 'wan']]}")
         target, call = make(args.tiny)
         steps = min(args.steps, 4)
         timesteps = torch.linspace(999, 50, steps).tolist()
@@ -68,12 +112,30 @@ def run(args, p) -> int:
         steps = min(args.steps, 8)
         tile = (1, 4, 4) if args.tile == "1,8,8" else tile
     else:
-        if not args.prompts:
-            p.error("--model needs --prompts FILE")
-        prompts = [line.strip() for line in pathlib.Path(args.prompts).read_text().splitlines() if line.strip()]
+        for name in ("height", "width", "frames"):
+            if getattr(args, name) < 1:
+                p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.prompts:
+            path = pathlib.Path(args.prompts)
+            if not path.is_file():
+                p.error(f"--prompts {path}: no such file")
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not prompts:
+                p.error(f"--prompts {path}: the file has no prompt (one per line)")
+            kw = dict(prompts=prompts)
+        elif args.prompt_embeds:
+            path = pathlib.Path(args.prompt_embeds)
+            if not path.is_file():
+                p.error(f"--prompt-embeds {path}: no such file")
+            embeds, negative = _load_embeds(path)
+            kw = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
+        else:
+            p.error("--model needs --prompts FILE or --prompt-embeds FILE.pt")
         target = pipe = sv.integration.load_pipeline(args.model)
         pipe.set_progress_bar_config(disable=True)
-        kw = dict(prompts=prompts, height=args.height, width=args.width, num_frames=args.frames)
+        kw.update(height=args.height, width=args.width, num_frames=args.frames)
+        if args.guidance_scale is not None:
+            kw["guidance_scale"] = args.guidance_scale
         steps = args.steps
     plan = sv.calibrate(target, num_inference_steps=steps, candidates=candidates, error_budget=args.error_budget,
                         tile=tile, checkpoint=args.checkpoint, global_budget=args.global_budget, **kw)

@@ -5,7 +5,7 @@ import argparse
 import json
 
 
-def _ints(text: str, n: int, name: str) -> tuple[int, ...]:
+def parse_ints(text: str, n: int, name: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(","))
     except ValueError:
@@ -32,8 +32,8 @@ def run(args, p) -> int:
     import sparse_vdit as sv
 
     try:
-        grid = _ints(args.grid, 3, "--grid")
-        tile = _ints(args.tile, 3, "--tile")
+        grid = parse_ints(args.grid, 3, "--grid")
+        tile = parse_ints(args.tile, 3, "--tile")
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     if args.text < 0:

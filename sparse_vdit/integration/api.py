@@ -112,12 +112,42 @@ def set_module_processor(module, processor) -> None:
 
 def load_pipeline(path_or_id: str, device: str | None = None, dtype=None):
     """Load a diffusers pipeline (a local folder, or a hub id where the hub is reachable) on
-    ``device`` (default: CUDA when present) in ``dtype`` (default: bf16 on CUDA, fp32 on CPU)."""
+    ``device`` (default: CUDA when present) in ``dtype`` (default: bf16 on CUDA, fp32 on CPU).
+
+    Components saved as absent (``[null, null]`` in ``model_index.json``, e.g. a pipeline saved
+    without its text encoder) are passed as None, so such a folder loads too.
+    """
+    import json
+    import pathlib
+
     import torch
     from diffusers import DiffusionPipeline
 
+    path = pathlib.Path(path_or_id)
+    absent = {}
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        try:
+            spec = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index} is not valid JSON: {e}") from None
+        absent = {k: None for k, v in spec.items() if isinstance(v, list) and v == [None, None]}
+    elif path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
+        raise FileNotFoundError(f"no pipeline folder at {path_or_id}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(path_or_id, **_dtype_kwarg(dtype), **absent).to(device)
     adapter_for(pipe.transformer)  # a clear error for unsupported models, before any calibration work
     return pipe
+
+
+def _dtype_kwarg(dtype) -> dict:
+    """diffusers >= 0.36 names the argument ``dtype`` (``torch_dtype`` is deprecated there)."""
+    import inspect
+
+    from diffusers import DiffusionPipeline
+
+    params = inspect.signature(DiffusionPipeline.from_pretrained).parameters
+    return {"dtype": dtype} if "dtype" in params else {"torch_dtype": dtype}

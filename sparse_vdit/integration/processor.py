@@ -176,16 +176,19 @@ class SparseAttnProcessor:
         transformer whose forward is running (up the call stack), bind to it, and run this forward
         dense (its grid was not seen by the pre-hook)."""
         frame = inspect.currentframe()
-        transformer = None
+        transformer = scheduler = None
         while frame is not None:
             obj = frame.f_locals.get("self")
-            if isinstance(obj, torch.nn.Module) and obj is not attn and any(m is attn for m in obj.modules()):
-                try:
-                    adapter_for(obj)
-                    transformer = obj
-                    break
-                except ValueError:
-                    pass
+            if transformer is None:
+                if isinstance(obj, torch.nn.Module) and obj is not attn and any(m is attn for m in obj.modules()):
+                    try:
+                        adapter_for(obj)
+                        transformer = obj
+                    except ValueError:
+                        pass
+            elif any(getattr(obj, n, None) is transformer for n in ("transformer", "transformer_2")):
+                scheduler = getattr(obj, "scheduler", None)  # the pipeline running it: its schedule length
+                break
             frame = frame.f_back
         del frame
         if transformer is None:
@@ -193,7 +196,7 @@ class SparseAttnProcessor:
                 "SparseAttnProcessor is not bound to a model: call sparse_vdit.apply(pipe, plan), or run the "
                 "transformer (its first forward binds a processor set with set_attn_processor)"
             )
-        binding = self.bind(transformer)
+        binding = self.bind(transformer, scheduler=scheduler)
         self._warn_first_forward_dense(binding)
         return getattr(attn, _SLOT)
 

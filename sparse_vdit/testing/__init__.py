@@ -2,6 +2,7 @@
 pipeline with planted local attention (:mod:`.wan`), and one tiny transformer per family with
 matching forward inputs (:mod:`.families`)."""
 from .families import FAMILIES, make
+from .text import tiny_text_encoder, tiny_tokenizer
 from .wan import plant_local_attention, plant_sink_frame, tiny_wan_pipeline, tiny_wan_transformer
 
-__all__ = ["FAMILIES", "make", "plant_local_attention", "plant_sink_frame", "tiny_wan_pipeline", "tiny_wan_transformer"]
+__all__ = ["FAMILIES", "make", "tiny_text_encoder", "tiny_tokenizer", "plant_local_attention", "plant_sink_frame", "tiny_wan_pipeline", "tiny_wan_transformer"]

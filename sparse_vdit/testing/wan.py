@@ -52,9 +52,10 @@ def plant_local_attention(transformer, layers, sharpness: float = 4.0, amplitude
             norm.weight.fill_(sharpness)
 
 
-def tiny_wan_pipeline(planted_layers=(0, 1, 2), sharpness: float = 4.0, seed: int = 0):
+def tiny_wan_pipeline(planted_layers=(0, 1, 2), sharpness: float = 4.0, seed: int = 0, text_encoder: bool = False):
     """A whole WanPipeline with a tiny transformer and VAE (random weights; structure planted in
-    ``planted_layers``, the other layers stay global). Call it with ``prompt_embeds``."""
+    ``planted_layers``, the other layers stay global). Call it with ``prompt_embeds``, or with text
+    prompts when ``text_encoder`` (a tiny tokenizer and UMT5 encoder, see :mod:`.text`)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     transformer = tiny_wan_transformer(seed=seed)
@@ -63,7 +64,12 @@ def tiny_wan_pipeline(planted_layers=(0, 1, 2), sharpness: float = 4.0, seed: in
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True]).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
-    return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
+    tokenizer = encoder = None
+    if text_encoder:
+        from .text import tiny_text_encoder, tiny_tokenizer
+
+        tokenizer, encoder = tiny_tokenizer(), tiny_text_encoder(transformer.config.text_dim, seed=seed + 2)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=transformer, vae=vae, scheduler=scheduler)
 
 
 @torch.no_grad()
