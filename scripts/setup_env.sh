@@ -1,26 +1,41 @@
 #!/usr/bin/env bash
-# Create (or reuse) a virtual environment and install sparse_vdit into it, torch first.
+# Create (or reuse) a virtual environment and install sparse_vdit into it, torch first; leaves it
+# activated. Safe to source from an interactive shell: it changes no shell options and returns
+# (never exits) on failure.
 # Usage: source scripts/setup_env.sh [extras]   e.g. "test" or "plot"
-# TORCH_SPEC picks the torch build (default torch==2.13.0; on a CUDA machine you may want e.g. "torch>=2.5").
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-VENV="${SPARSE_VDIT_VENV:-.venv}"
-EXTRAS="${1:-}"
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+# TORCH_SPEC picks the torch build (default torch==2.13.0, a CPU build; on a CUDA machine e.g. "torch>=2.5").
+# SPARSE_VDIT_VENV picks the folder (default .venv in the repository).
+
+_sparse_vdit_setup() {
+  local root venv extras spec log
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || return 1
+  venv="${SPARSE_VDIT_VENV:-$root/.venv}"
+  extras="${1:-}"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" || { echo "setup_env.sh: could not create $venv" >&2; return 1; }
+  fi
+  # shellcheck disable=SC1091
+  source "$venv/bin/activate" || return 1
+  export PIP_DISABLE_PIP_VERSION_CHECK=1
+  # torch before anything that depends on it, so no dependency pulls a different (multi-GB) build.
+  if ! python -c "import torch" >/dev/null 2>&1; then
+    pip install -q "${TORCH_SPEC:-torch==2.13.0}" || { echo "setup_env.sh: installing torch failed" >&2; return 1; }
+  fi
+  spec="$root"
+  [ -n "$extras" ] && spec="$root[$extras]"
+  log="$venv/pip-install.log"
+  if ! pip install -q -e "$spec" >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" >&2
+    echo "setup_env.sh: installing sparse_vdit failed (log above)" >&2
+    return 1
+  fi
+  python -c "import sparse_vdit" || { echo "setup_env.sh: sparse_vdit does not import" >&2; return 1; }
+}
+
+_sparse_vdit_setup "$@"
+_sparse_vdit_status=$?
+unset -f _sparse_vdit_setup
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then
+  return $_sparse_vdit_status  # sourced
 fi
-# shellcheck disable=SC1091
-source "$VENV/bin/activate"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch before anything that depends on it, so no dependency pulls a different (multi-GB) build.
-if ! python -c "import torch" >/dev/null 2>&1; then
-  pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-fi
-spec="."
-[ -n "$EXTRAS" ] && spec=".[${EXTRAS}]"
-if ! pip install -q -e "$spec" >"$VENV/pip-install.log" 2>&1; then
-  grep -v "^WARNING: Location" "$VENV/pip-install.log" >&2
-  echo "setup_env.sh: installing sparse_vdit failed (log above)" >&2
-  exit 1
-fi
-python -c "import sparse_vdit" # fail loudly if the install did not work
+exit $_sparse_vdit_status
