@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# What only a GPU can show, for a session lent one (device tool), one part per call (10-minute cap):
-#   bash benchmarks/gpu_suite.sh tests        # GPU-only tests: bf16 at real sizes, inductor compile
-#   bash benchmarks/gpu_suite.sh kernel       # kernel sweep vs SDPA backends and FlexAttention
+# What only a GPU can show, for a machine with one (e.g. a session lent one by the device tool).
+#   bash benchmarks/gpu_suite.sh all          # everything below in one run of under 9 minutes (reduced sizes)
+#   bash benchmarks/gpu_suite.sh tests        # GPU-only tests: bf16 at real sizes, inductor compile, bf16 gradients
+#   bash benchmarks/gpu_suite.sh kernel       # kernel sweep vs SDPA backends and FlexAttention (all shapes)
 #   bash benchmarks/gpu_suite.sh e2e          # denoising-step speed of real-size transformers
-#   bash benchmarks/gpu_suite.sh calibration  # calibration wall time at Wan2.1-1.3B size
-# The device has torch and triton but no diffusers: carry wheels in .whl/ (see the device tool's
-# README: diffusers, transformers, huggingface_hub, tokenizers, safetensors, regex, einops, tqdm, ...).
-# Results land in benchmarks/results/ and are copied to $OUT to come back.
+#   bash benchmarks/gpu_suite.sh calibration  # calibration wall time at Wan2.1-1.3B size (4 prompts, 50 steps)
+#   bash benchmarks/gpu_suite.sh static       # sm_90a compile table (no GPU needed)
+# A machine without diffusers and no network: put wheels in .whl/ (diffusers, transformers, accelerate,
+# huggingface_hub, tokenizers, safetensors, regex, tqdm, ...); they are installed to /tmp/site.
+# Results land in benchmarks/results/ (with the device name) and are copied to $OUT to come back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -17,11 +19,28 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+rc=0
+part() {  # part NAME SECONDS COMMAND...: one step, bounded in time, its log kept
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (at most ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local status=${PIPESTATUS[0]}
+  [ "$status" -eq 0 ] || { echo "== $name: exit $status"; rc=1; }
+}
 case "${1:-}" in
-  tests) python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" ;;
-  kernel) python3 -m benchmarks.bench_kernel 2>&1 | tee "$OUT/bench_kernel.log" ;;
-  e2e) python3 -m benchmarks.bench_e2e --models wan2.1-1.3b-480p hunyuanvideo-720p 2>&1 | tee "$OUT/bench_e2e.log" ;;
-  calibration) python3 -m benchmarks.bench_calibration 2>&1 | tee "$OUT/bench_calibration.log" ;;
-  *) echo "usage: $0 {tests|kernel|e2e|calibration}" >&2; exit 2 ;;
+  all)
+    part gpu_tests 120 python3 -m pytest -q -m gpu tests/
+    part bench_kernel 180 python3 -m benchmarks.bench_kernel --shapes wan2.1-1.3b-480p cogvideox-5b --densities 1.0 0.3 0.1 --reps 20
+    part bench_e2e 120 python3 -m benchmarks.bench_e2e --models wan2.1-1.3b-480p --steps 50 --reps 3
+    part bench_calibration 100 python3 -m benchmarks.bench_calibration --prompts 1 --steps 10 --out benchmarks/results/calibration_reduced.json
+    ;;
+  tests) part gpu_tests 600 python3 -m pytest -q -m gpu tests/ ;;
+  kernel) part bench_kernel 600 python3 -m benchmarks.bench_kernel ;;
+  e2e) part bench_e2e 600 python3 -m benchmarks.bench_e2e --models wan2.1-1.3b-480p hunyuanvideo-720p ;;
+  calibration) part bench_calibration 600 python3 -m benchmarks.bench_calibration ;;
+  static) part bench_static 600 python3 -m benchmarks.bench_static ;;
+  *) echo "usage: $0 {all|tests|kernel|e2e|calibration|static}" >&2; exit 2 ;;
 esac
 cp benchmarks/results/*.json benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null || true
+exit $rc

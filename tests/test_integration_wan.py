@@ -257,3 +257,22 @@ def test_plan_file_is_valid_json_for_any_metrics(model, tmp_path, metrics):
     again = sv.SparsityPlan.load(plan.save(tmp_path / "p.json"))
     assert again.metrics == {k: v for k, v in metrics.items() if k != "records"}
     assert again.heads == plan.heads
+
+
+def test_mixed_layer_dense_heads_go_to_dense_attention(model):
+    """In a layer with dense and sparse heads, the dense heads run SDPA and the sparse ones the
+    kernel; the result equals running every head through the kernel with full rows for the dense ones."""
+    x, e = _inputs(B=2, frames=3, size=16)
+    full = {"kind": "sliding_tile", "window": [99, 99, 99]}
+    mixed = [{"kind": "dense"}, {"kind": "radial"}, {"kind": "dense"}, {"kind": "temporal"}]
+    covered = [full, {"kind": "radial"}, full, {"kind": "temporal"}]
+    outs = []
+    for heads in (mixed, covered):
+        proc = sv.apply(model, sv.SparsityPlan(heads=[heads] * 3, tile=(1, 4, 4), model=sv.dense_plan(model).model))
+        outs.append(_run(model, x, e))
+        slot = proc.binding().slots[0]
+        split = (slot.sparse_heads, slot.dense_heads)
+        sv.remove(model)
+        if heads is mixed:
+            assert split[0].tolist() == [1, 3] and split[1].tolist() == [0, 2]
+    assert _rel(outs[0], outs[1]) <= 1e-5

@@ -11,7 +11,7 @@ from .helpers import check_against_reference, rand_qkv, random_blocks
 
 # Under the interpreter bf16 dot products are broken (see ENVIRONMENT.md): fp16/fp32 on the CPU.
 CPU_DTYPES = [torch.float16, torch.float32]
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "triton_gather", "torch"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -124,7 +124,30 @@ def test_flex_agrees_on_same_mask():
 
 def test_default_backend_by_device():
     assert sv.ops.default_backend(torch.device("cpu")) == "torch"
-    assert sv.ops.default_backend(torch.device("cuda")) == "triton"
+    assert sv.ops.default_backend(torch.device("cuda")) == "auto"  # the fastest exact backend, measured
+
+
+def test_auto_backend_is_exact_and_picks_the_fastest_that_runs(nan_empty):
+    from sparse_vdit.ops import auto
+
+    q, k, v = rand_qkv(1, 2, 100, 32, torch.float32, DEVICE)
+    mask = BlockSparseMask.from_dense(random_blocks(1, 2, 4, 4, 0.5).to(DEVICE), 32)
+    o, lse = block_sparse_attention(q, k, v, mask, return_lse=True, backend="auto")
+    check_against_reference(o, lse, q, k, v, mask)
+    calls = []
+
+    def fake_ms(name):
+        calls.append(name)
+        if name == "flex":
+            raise RuntimeError("cannot run here")
+        return {"triton": 2.0, "triton_gather": 1.0}[name]
+
+    key = ("test-key",)
+    assert auto.pick_backend(key, ["triton", "triton_gather", "flex"], fake_ms) == "triton_gather"
+    assert auto.pick_backend(key, ["triton", "triton_gather", "flex"], fake_ms) == "triton_gather"
+    assert calls == ["triton", "triton_gather", "flex"]  # measured once, then cached
+    with pytest.raises(RuntimeError, match="no candidate ran"):
+        auto.pick_backend(("other",), ["flex"], fake_ms)
 
 
 # ---------------------------------------------------------------------------- torch.compile

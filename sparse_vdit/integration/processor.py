@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..masks import VideoLayout, build
-from ..ops import BlockSparseMask, default_backend, sparse_attention
+from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
 from ..plan import SparsityPlan
 from .adapters import ModelAdapter, adapter_for, check_plan
 
@@ -50,6 +50,10 @@ class LayerSlot:
     token_order: torch.Tensor | None = None
     layout: VideoLayout | None = None
     step: int = 0
+    # In a layer whose plan mixes dense and sparse heads: ``mask`` covers the sparse heads only, which
+    # are ``sparse_heads``; the ``dense_heads`` run dense attention (SDPA). None when not mixed.
+    sparse_heads: torch.Tensor | None = None
+    dense_heads: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -99,7 +103,15 @@ class SparseAttention(AttentionStrategy):
         if q.shape[1] != slot.layout.seq_len:
             raise ValueError(f"attention sequence has {q.shape[1]} tokens but the latent grid gives {slot.layout.seq_len}")
         backend = self.backend or default_backend(q.device)
-        return sparse_attention(q, k, v, slot.mask, slot.token_order, key_valid=key_valid, backend=backend)
+        if slot.dense_heads is None:
+            return sparse_attention(q, k, v, slot.mask, slot.token_order, key_valid=key_valid, backend=backend)
+        # Dense heads of a mixed layer go to the fastest dense kernel, the others to the sparse one.
+        sh, dh = slot.sparse_heads, slot.dense_heads
+        out = torch.empty_like(q)
+        out[:, :, sh] = sparse_attention(q[:, :, sh], k[:, :, sh], v[:, :, sh], slot.mask, slot.token_order,
+                                         key_valid=key_valid, backend=backend)
+        out[:, :, dh] = dense_attention(q[:, :, dh], k[:, :, dh], v[:, :, dh], key_valid=key_valid)
+        return out
 
 
 class SparseAttnProcessor:
@@ -255,7 +267,8 @@ class SparseAttnProcessor:
         order = binding.layout.token_order(device)
         for slot in binding.slots:
             sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
-            slot.mask = self.mask_for(slot.layer, binding.layout, device) if sparse else None
+            slot.mask, slot.sparse_heads, slot.dense_heads = \
+                self._sparse_part(slot.layer, binding.layout, device) if sparse else (None, None, None)
             slot.token_order = order
             slot.layout = binding.layout
             slot.step = binding.step
@@ -307,6 +320,23 @@ class SparseAttnProcessor:
             mask = build(specs[0] if all(s == specs[0] for s in specs) else specs, layout, device=device)
             per_layer[key] = mask
         return mask
+
+    def _sparse_part(self, layer: int, layout: VideoLayout, device):
+        """(mask, sparse head indices, dense head indices) of a layer: the whole layer's mask when no
+        head is dense; for a mixed layer, the mask of its sparse heads and both index lists (cached)."""
+        specs = self.plan.layer_specs(layer)
+        dense = [h for h, s in enumerate(specs) if s["kind"] == "dense"]
+        if not dense:
+            return self.mask_for(layer, layout, device), None, None
+        where = (layout, str(torch.device(device)))
+        self.mask_for(layer, layout, device)  # keeps the cache entry for this layout fresh
+        per_layer = self._mask_cache[where]
+        key = "mixed:" + self._layer_keys[layer]
+        if key not in per_layer:
+            sparse = [h for h in range(len(specs)) if h not in dense]
+            mask = build([specs[h] for h in sparse], layout, device=device)
+            per_layer[key] = (mask, torch.tensor(sparse, device=device), torch.tensor(dense, device=device))
+        return per_layer[key]
 
     # ------------------------------------------------------------------ the processor call
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,

@@ -6,5 +6,6 @@ Layering inside, as in flash-linear-attention: kernel (``*_kernel``) -> launcher
 """
 from .attention import block_sparse_attention_fwd
 from .mass import block_attention_mass_fwd
+from .tiled_attention import block_sparse_attention_tiled_fwd
 
-__all__ = ["block_attention_mass_fwd", "block_sparse_attention_fwd"]
+__all__ = ["block_attention_mass_fwd", "block_sparse_attention_fwd", "block_sparse_attention_tiled_fwd"]

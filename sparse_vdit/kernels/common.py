@@ -17,12 +17,27 @@ LOG2E_PY = 1.0 / math.log(2.0)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotune_configs(stages=(2, 3, 4)) -> list:
+def autotune_configs(stages=(2, 3, 4), interpret: bool | None = None) -> list:
     """Warps and stages only: block size is a property of the mask (semantic), never tuned. Under
     the interpreter one config (tuning there is meaningless and slow)."""
-    if INTERPRET:
+    if INTERPRET if interpret is None else interpret:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in stages]
+
+
+def tile_configs(configs, block_m: int, block_n: int, block_d: int) -> list:
+    """The autotune configs that suit a tile shape, as checked by ``sparse-vdit bench static``
+    (sm_90a): a 128 x 128 (rows x head_dim) tile needs 8 warps (4 spill), and 128-token key blocks at
+    head_dim 128 fit shared memory in 2 stages only."""
+    keep = [c for c in configs
+            if (c.num_warps == 8 or block_m * block_d < 128 * 128)
+            and (c.num_stages <= 2 or block_n * block_d < 128 * 128)]
+    return keep or configs[:1]
+
+
+def prune_tile_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` for ``triton.autotune``: :func:`tile_configs` on the launch's blocks."""
+    return tile_configs(configs, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"])
 
 
 @triton.jit

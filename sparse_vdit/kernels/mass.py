@@ -11,12 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, LOG2E_PY, autotune_configs, head_dim_block, load_query_block, token_index
+from .common import LOG2E, LOG2E_PY, autotune_configs, head_dim_block, load_query_block, prune_tile_configs, token_index
 
 
 # The pointer/stride parameters repeat the attention kernel's on purpose: Triton kernels take flat
 # arguments; the shared prologue itself lives in common.load_query_block. (A `duplicates` row; justified.)
-@triton.autotune(configs=autotune_configs(stages=(2, 3)), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"])
+@triton.autotune(configs=autotune_configs(stages=(2, 3)), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"],
+                 prune_configs_by={"early_config_prune": prune_tile_configs})
 @triton.jit
 def block_attention_mass_kernel(
     q, k, lse, mass, token_order, kv_token_order,

@@ -1,27 +1,35 @@
 """Public block-sparse attention: input checks, backend choice and the torch.library custom op."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from .mask import BlockSparseMask
-from .order import order_digest
+from .order import order_digest, tiled_position
 from .torch_backend import torch_block_sparse_attention, torch_block_sparse_attention_bwd
 
-BACKENDS = ("triton", "torch", "flex")
+# triton: the tiled (Hopper-form) kernel, q/k/v gathered into tiled order once per call;
+# triton_gather: the first kernel, which gathers rows inside its loads (kept for comparison);
+# torch: block-gather in torch (the CPU path); flex: FlexAttention on the same blocks.
+# auto: the fastest of the exact ones on this GPU, measured once per shape (see ops.auto).
+BACKENDS = ("auto", "triton", "triton_gather", "torch", "flex")
+TRITON_BACKENDS = ("triton", "triton_gather")
+TILE_ROWS = 128  # query rows per program of the tiled kernel, whatever the mask's query block
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
 
 def default_backend(device: torch.device) -> str:
-    """Triton on CUDA; the torch block-gather path elsewhere. ``SPARSE_VDIT_BACKEND`` overrides."""
+    """``auto`` on CUDA (the fastest exact backend, measured); the torch block-gather path elsewhere.
+    ``SPARSE_VDIT_BACKEND`` overrides."""
     env = os.environ.get("SPARSE_VDIT_BACKEND")
     if env:
         if env not in BACKENDS:
             raise ValueError(f"SPARSE_VDIT_BACKEND must be one of {BACKENDS}, got {env!r}")
         return env
-    return "triton" if device.type == "cuda" else "torch"
+    return "auto" if device.type == "cuda" else "torch"
 
 
 # ---------------------------------------------------------------------------- custom op
@@ -39,9 +47,17 @@ def block_sparse_attention_op(
     kv_block: int,
     num_q_blocks: int,
     backend: str,
+    tile_counts: torch.Tensor | None = None,
+    tile_indices: torch.Tensor | None = None,
+    tile_flags: torch.Tensor | None = None,
+    tile_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward as one opaque op for torch.compile: (o [B, H, N, D], lse fp32 [B, H, N])."""
+    """The forward as one opaque op for torch.compile: (o [B, H, N, D], lse fp32 [B, H, N]).
+    The tiled backend also takes the mask's query-tile lists (``BlockSparseMask.query_tiles``)."""
     if backend == "triton":
+        return _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale,
+                             tile_rows, q_block, kv_block)
+    if backend == "triton_gather":
         from ..kernels import block_sparse_attention_fwd
 
         return block_sparse_attention_fwd(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
@@ -50,8 +66,42 @@ def block_sparse_attention_op(
                                         q_block, kv_block, num_q_blocks)
 
 
+def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale, tile_rows,
+                  q_block, kv_block):
+    """Gather q, k, v into contiguous tiled order (one index_select each), run the tiled kernel over
+    ``tile_rows``-row query tiles, and bring o and the LSE back to model order."""
+    from ..kernels import block_sparse_attention_tiled_fwd
+
+    B, H, N, D = q.shape
+    Mt = tile_counts.shape[-1]
+    step = tile_rows * kv_block // math.gcd(tile_rows, kv_block)
+    length = max(Mt * tile_rows, token_order.numel() if token_order is not None else N)
+    Lt = -(-length // step) * step
+    if token_order is None:
+        order = torch.arange(Lt, device=q.device, dtype=torch.int32)
+        order = torch.where(order < N, order, torch.full_like(order, -1))
+    else:
+        order = torch.nn.functional.pad(token_order, (0, Lt - token_order.numel()), value=-1)
+    kv_order = order if kv_token_order is None else \
+        torch.nn.functional.pad(kv_token_order, (0, Lt - kv_token_order.numel()), value=-1)
+    # Padding positions read token 0 (any finite row): their queries are dropped, their keys masked.
+    qt = q.index_select(2, order.clamp(min=0))
+    kt = k.index_select(2, kv_order.clamp(min=0))
+    vt = v.index_select(2, kv_order.clamp(min=0))
+    kv_valid = (kv_order >= 0).to(torch.int8)
+    kv_block_pad = (kv_valid.view(-1, kv_block) == 0).any(-1).to(torch.int8)
+    ot, lset = block_sparse_attention_tiled_fwd(qt, kt, vt, tile_counts, tile_indices, tile_flags, kv_valid,
+                                                kv_block_pad, scale, tile_rows, q_block, kv_block)
+    pos = tiled_position(order, N)  # [N] tiled position of each token, -1 if the order leaves it out
+    missing = (pos < 0)[None, None, :]
+    o = ot.index_select(2, pos.clamp(min=0)).masked_fill(missing[..., None], 0.0)
+    lse = lset.index_select(2, pos.clamp(min=0)).masked_fill(missing, float("-inf"))
+    return o, lse
+
+
 @block_sparse_attention_op.register_fake
-def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend):
+def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend,
+      tile_counts=None, tile_indices=None, tile_flags=None, tile_rows=0):
     B, H, N, D = q.shape
     return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
 
@@ -84,7 +134,7 @@ def _(grad_o, grad_lse, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, _ = inputs
+    q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks = inputs[:11]
     ctx.save_for_backward(q, k, v, kv_counts, kv_indices, token_order, kv_token_order)
     ctx.meta = (scale, q_block, kv_block, num_q_blocks)
 
@@ -97,10 +147,46 @@ def _backward(ctx, grad_o, grad_lse):
         grad_lse = q.new_zeros(q.shape[:3], dtype=torch.float32)
     dq, dk, dv = block_sparse_attention_bwd_op(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order,
                                                kv_token_order, *ctx.meta)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_compiled_flex = None
+
+
+def _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> str:
+    """The backend ``auto`` resolves to for this call (measured once per key on CUDA)."""
+    from .auto import auto_key, cuda_time_ms, pick_backend
+
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return "torch" if q.device.type != "cuda" else "triton"
+    candidates = ["triton", "triton_gather", "flex"]
+    if mask.density() == 1.0 and token_order is None and kv_token_order is None and not return_lse:
+        candidates.append("sdpa")
+
+    def time_ms(name):
+        if name == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            from .flex import flex_block_sparse_attention
+
+            global _compiled_flex
+            _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
+            return cuda_time_ms(lambda: flex_block_sparse_attention(q, k, v, mask, scale, token_order, kv_token_order,
+                                                                    flex_fn=_compiled_flex))
+        return cuda_time_ms(lambda: block_sparse_attention(q, k, v, mask, scale=scale, token_order=token_order,
+                                                           kv_token_order=kv_token_order, backend=name, check=False)
+                            if name != "sdpa" else torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
+
+    return pick_backend(auto_key(q, mask, token_order, kv_token_order, return_lse), candidates, time_ms)
+
+
+def tiled_kernel_rows(q_block: int) -> int:
+    """Query rows per program of the tiled kernel: ``TILE_ROWS`` (128) when the mask's query block
+    divides it, else the query block itself."""
+    return TILE_ROWS if q_block <= TILE_ROWS and TILE_ROWS % q_block == 0 else q_block
 
 
 # ---------------------------------------------------------------------------- checks
@@ -148,7 +234,7 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
         raise ValueError(f"mask head dimension must be 1 (broadcast) or {H} (the number of heads), got {mask.heads}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
+    if backend in TRITON_BACKENDS:
         if D > MAX_HEAD_DIM:
             raise ValueError(f"head_dim {D} is not supported by the Triton kernel (at most {MAX_HEAD_DIM})")
         if q.dtype == torch.float64:
@@ -211,7 +297,8 @@ def block_sparse_attention(
             loads and stores, so inputs and output stay in model order.
         kv_token_order: optional int32 ``[L]`` for keys (default: ``token_order``): a token it marks
             -1 is never attended as a key but still computed as a query (e.g. padded text tokens).
-        backend: ``"triton"``, ``"torch"`` or ``"flex"``; default by device (see :func:`default_backend`).
+        backend: ``"auto"`` (default on CUDA: the fastest exact backend, measured once per shape),
+            ``"triton"`` (tiled kernel), ``"triton_gather"``, ``"torch"`` (default elsewhere) or ``"flex"``.
         check: validate inputs (cheap except for a ``token_order`` range check that syncs).
 
     Returns:
@@ -223,10 +310,21 @@ def block_sparse_attention(
         _check_inputs(q, k, v, mask, token_order, kv_token_order, backend)
     D = q.shape[-1]
     scale = float(D ** -0.5) if scale is None else float(scale)
+    if backend == "auto":
+        backend = _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse)
+    if backend == "sdpa":  # auto chose dense attention for a mask that visits every block
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     if backend == "flex":
         from .flex import flex_block_sparse_attention
 
-        o, lse = flex_block_sparse_attention(q, k, v, mask, scale, token_order, kv_token_order)
+        o, lse = flex_block_sparse_attention(q, k, v, mask, scale, token_order, kv_token_order,
+                                             flex_fn=_compiled_flex if q.device.type == "cuda" else None)
+    elif backend == "triton":
+        tile_rows = tiled_kernel_rows(mask.q_block)
+        o, lse = block_sparse_attention_op(
+            q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,
+            mask.q_block, mask.kv_block, mask.num_q_blocks, backend, *mask.query_tiles(tile_rows), tile_rows,
+        )
     else:
         o, lse = block_sparse_attention_op(
             q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,

@@ -1,7 +1,7 @@
 """``BlockSparseMask``: which key blocks each query block visits (FlexAttention's BlockMask idea)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +68,7 @@ class BlockSparseMask:
     # (length, checksum) of the token order of the layout the mask was built for (``VideoLayout``),
     # or None for a mask over plain token order. The attention entry checks the order it is given.
     token_order_digest: tuple[int, int] | None = None
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)  # per-mask caches (query tiles)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -150,6 +151,35 @@ class BlockSparseMask:
     @property
     def device(self) -> torch.device:
         return self.kv_counts.device
+
+    def query_tiles(self, tile_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mask seen by ``tile_rows``-row query tiles (the tiled kernel's unit), cached per mask.
+
+        Returns (counts int32 [Bm, H, Mt], indices int32 [Bm, H, Mt, K], flags int32 [Bm, H, Mt, K]):
+        each tile's key blocks (the union over its ``tile_rows // q_block`` mask query blocks, in
+        increasing order) and, per entry, the bit field of the sub-blocks that visit it (bit r set:
+        sub-block r does). Mt covers ``num_q_blocks`` rounded up to whole tiles.
+        """
+        if tile_rows % self.q_block:
+            raise ValueError(f"tile_rows {tile_rows} must be a multiple of q_block {self.q_block}")
+        key = ("query_tiles", tile_rows)
+        if key not in self._derived:
+            R = tile_rows // self.q_block
+            if R > 16:
+                raise ValueError(f"a query tile may span at most 16 mask query blocks, got {R}")
+            Bm, H, Mq, Mk = self.shape
+            Mt = -(-Mq // R)
+            dense = torch.zeros(Bm, H, Mt * R, Mk, dtype=torch.bool, device=self.device)
+            dense[:, :, :Mq] = self.to_dense()
+            sub = dense.view(Bm, H, Mt, R, Mk)
+            union = sub.any(dim=3)
+            width = max(int(union.sum(-1).max()), 1)
+            counts, indices = blocks_to_indices(union, width)
+            bits = (sub.to(torch.int32) << torch.arange(R, device=self.device, dtype=torch.int32)[:, None]).sum(3)
+            flags = torch.gather(bits, -1, indices.long()).to(torch.int32)
+            valid = torch.arange(width, device=self.device) < counts.unsqueeze(-1)
+            self._derived[key] = (counts, indices, torch.where(valid, flags, torch.zeros_like(flags)).contiguous())
+        return self._derived[key]
 
     def to(self, device) -> "BlockSparseMask":
         return BlockSparseMask(self.kv_counts.to(device), self.kv_indices.to(device),

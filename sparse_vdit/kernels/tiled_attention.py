@@ -1,0 +1,130 @@
+"""Triton block-sparse attention forward on contiguous tiles (the Hopper form).
+
+q, k and v arrive already permuted into tiled order ([B, H, L, D], contiguous, L a multiple of the
+mask's blocks): the launcher's caller gathers them once per call. Every K/V tile is then a
+contiguous [BLOCK_N, D] slab read through a tensor descriptor (TMA on Hopper; no per-element
+address math, no gather registers), and the query tile has ``BLOCK_M`` rows independent of the mask's query block: a
+128-row tile spans ``BLOCK_M // q_block`` mask query blocks, walks the union of their key blocks,
+and a per-entry bit field says which of its sub-blocks visit each key block (rows of the others
+are masked to -inf on that block only, so the result is exact).
+
+Masking is per block and only where needed: key padding (blocks whose ``kv_block_pad`` flag is set)
+and sub-block row masks (entries whose bit field is not full); interior blocks take neither.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .common import LN2, LOG2E_PY, autotune_configs, head_dim_block, prune_tile_configs
+
+
+@triton.autotune(configs=autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "Q_BLOCK"],
+                 prune_configs_by={"early_config_prune": prune_tile_configs})
+@triton.jit
+def block_sparse_attention_tiled_fwd_kernel(
+    q, k, v, o, lse,
+    tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad,
+    sm_scale_log2,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_ik,
+    H, L, HEAD_DIM,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    FULL: tl.constexpr = (1 << (BLOCK_M // Q_BLOCK)) - 1
+    o_row = i_bh * L  # q, k, v, o are [B * H * L, D] row blocks in tiled order
+    b_q = q.load([o_row + i_m * BLOCK_M, 0])  # [BM, BD]; columns past D read as zeros
+    i_sub = tl.arange(0, BLOCK_M) // Q_BLOCK  # [BM] mask query sub-block of each row
+    o_n = tl.arange(0, BLOCK_N)
+
+    p_cnt = tile_counts + i_b * stride_cb + i_h * stride_ch + i_m * stride_cm
+    p_idx = tile_indices + i_b * stride_ib + i_h * stride_ih + i_m * stride_im
+    p_flg = tile_flags + i_b * stride_ib + i_h * stride_ih + i_m * stride_im
+    n_blocks = tl.load(p_cnt)
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i_blk in range(0, n_blocks):
+        i_kb = tl.load(p_idx + i_blk * stride_ik)
+        flags = tl.load(p_flg + i_blk * stride_ik)
+        b_k = k.load([o_row + i_kb * BLOCK_N, 0])  # [BN, BD]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * sm_scale_log2  # [BM, BN] fp32 logits in log2 units
+        if tl.load(kv_block_pad + i_kb) != 0:  # this key block holds padding or left-out keys
+            m_kv = tl.load(kv_valid + i_kb * BLOCK_N + o_n) != 0  # [BN]
+            b_s = tl.where(m_kv[None, :], b_s, float("-inf"))
+        if flags != FULL:
+            m_row = ((flags >> i_sub) & 1) != 0  # [BM] rows whose sub-block visits this key block
+            b_s = tl.where(m_row[:, None], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # A row that has seen only masked keys keeps max -inf; subtract 0 there so exp2 gives 0, not NaN.
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.math.exp2(b_m - b_m_safe)
+        b_p = tl.math.exp2(b_s - b_m_safe[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_v = v.load([o_row + i_kb * BLOCK_N, 0])  # [BN, BD]
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+
+    # A row with no key gives zeros and LSE = -inf, never NaN.
+    m_empty = b_l == 0.0
+    b_l_safe = tl.where(m_empty, 1.0, b_l)
+    b_o = b_acc / b_l_safe[:, None]
+    o.store([o_row + i_m * BLOCK_M, 0], b_o.to(o.dtype))
+    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.math.log2(b_l_safe)) * LN2)  # natural log
+    tl.store(lse + i_bh.to(tl.int64) * L + i_m * BLOCK_M + tl.arange(0, BLOCK_M), b_lse)
+
+
+def block_sparse_attention_tiled_fwd(
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    vt: torch.Tensor,
+    tile_counts: torch.Tensor,
+    tile_indices: torch.Tensor,
+    tile_flags: torch.Tensor,
+    kv_valid: torch.Tensor,
+    kv_block_pad: torch.Tensor,
+    scale: float,
+    tile_rows: int,
+    q_block: int,
+    kv_block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the tiled forward. Inputs are prepared and validated by ``sparse_vdit.ops``.
+
+    qt, kt, vt: contiguous [B, H, L, D] in tiled order (L a multiple of ``tile_rows`` and of
+    ``kv_block``); tile_counts int32 [Bm, Hm, Mt]; tile_indices / tile_flags int32 [Bm, Hm, Mt, K]
+    (key blocks of each ``tile_rows``-row query tile, and the bit field of its ``q_block`` sub-blocks
+    that visit each); kv_valid: int8 [L] (0 = not a key); kv_block_pad: int8 [L // kv_block], set
+    where a key block holds any position that is not a key.
+    Returns ot [B, H, L, D] in qt's dtype and lse fp32 [B, H, L], in tiled order.
+    """
+    B, H, L, D = qt.shape
+    ot = torch.empty_like(qt)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=qt.device)
+    cb = tile_counts.stride(0) if tile_counts.shape[0] > 1 else 0
+    ch = tile_counts.stride(1) if tile_counts.shape[1] > 1 else 0
+    ib = tile_indices.stride(0) if tile_indices.shape[0] > 1 else 0
+    ih = tile_indices.stride(1) if tile_indices.shape[1] > 1 else 0
+    grid = (L // tile_rows, B * H)
+    block_d = head_dim_block(D)
+
+    def desc(x, rows):
+        return TensorDescriptor.from_tensor(x.view(B * H * L, D), [rows, block_d])
+
+    block_sparse_attention_tiled_fwd_kernel[grid](
+        desc(qt, tile_rows), desc(kt, kv_block), desc(vt, kv_block), desc(ot, tile_rows), lse,
+        tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad,
+        scale * LOG2E_PY,
+        cb, ch, tile_counts.stride(2),
+        ib, ih, tile_indices.stride(2), tile_indices.stride(3),
+        H, L, D,
+        BLOCK_M=tile_rows, BLOCK_N=kv_block, BLOCK_D=block_d, Q_BLOCK=q_block,
+    )
+    return ot, lse
