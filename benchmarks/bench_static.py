@@ -17,13 +17,13 @@ import sys
 
 from . import common
 
-KERNELS = ("tiled", "gather", "gather_ordered", "mass")
+KERNELS = ("tiled", "gather", "gather_ordered", "mass", "bwd_dq", "bwd_dkdv")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default=",".join(KERNELS),
                    help="comma-separated among tiled (the triton backend), gather / gather_ordered (the "
-                        "triton_gather backend without / with a token order), mass (calibration statistics)")
+                        "triton_gather backend without / with a token order), mass (calibration statistics), bwd_dq / bwd_dkdv (the backward)")
     p.add_argument("--json", default=str(common.RESULTS / "static_sm90.json"), help="where to write the table")
 
 

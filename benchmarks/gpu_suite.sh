@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh kernel       # kernel sweep vs SDPA backends and FlexAttention (all shapes)
 #   bash benchmarks/gpu_suite.sh e2e          # denoising-step speed of real-size transformers
 #   bash benchmarks/gpu_suite.sh calibration  # calibration wall time at Wan2.1-1.3B size (4 prompts, 50 steps)
+#   bash benchmarks/gpu_suite.sh backward     # fwd+bwd vs FlexAttention and SDPA at the Wan2.1-1.3B shape
 #   bash benchmarks/gpu_suite.sh static       # sm_90a compile table (no GPU needed)
 # A machine without diffusers and no network: put wheels in .whl/ (diffusers, transformers, accelerate,
 # huggingface_hub, tokenizers, safetensors, regex, tqdm, ...); they are installed to /tmp/site.
@@ -33,14 +34,16 @@ case "${1:-}" in
     part gpu_tests 120 python3 -m pytest -q -m gpu tests/
     part bench_kernel 180 python3 -m benchmarks.bench_kernel --shapes wan2.1-1.3b-480p cogvideox-5b --densities 1.0 0.3 0.1 --reps 20
     part bench_e2e 120 python3 -m benchmarks.bench_e2e --models wan2.1-1.3b-480p --steps 50 --reps 3
-    part bench_calibration 100 python3 -m benchmarks.bench_calibration --prompts 1 --steps 10 --out benchmarks/results/calibration_reduced.json
+    part bench_calibration 80 python3 -m benchmarks.bench_calibration --prompts 1 --steps 10 --out benchmarks/results/calibration_reduced.json
+    part bench_backward 60 python3 -m benchmarks.bench_backward --densities 1.0 0.2 --reps 10
     ;;
   tests) part gpu_tests 600 python3 -m pytest -q -m gpu tests/ ;;
   kernel) part bench_kernel 600 python3 -m benchmarks.bench_kernel ;;
   e2e) part bench_e2e 600 python3 -m benchmarks.bench_e2e --models wan2.1-1.3b-480p hunyuanvideo-720p ;;
   calibration) part bench_calibration 600 python3 -m benchmarks.bench_calibration ;;
+  backward) part bench_backward 600 python3 -m benchmarks.bench_backward ;;
   static) part bench_static 600 python3 -m benchmarks.bench_static ;;
-  *) echo "usage: $0 {all|tests|kernel|e2e|calibration|static}" >&2; exit 2 ;;
+  *) echo "usage: $0 {all|tests|kernel|e2e|calibration|backward|static}" >&2; exit 2 ;;
 esac
 cp benchmarks/results/*.json benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null || true
 exit $rc

@@ -34,7 +34,7 @@ def _check(backend, dtype, mask, B, H, N, D, **orders):
         assert max_err(a, r) <= tol, f"d{name} error {max_err(a, r):.3g} > {tol:.3g}"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "triton_gather", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("density", [0.2, 0.6, 1.0])
 def test_gradients_match_float64_reference(backend, dtype, density):

@@ -7,5 +7,7 @@ Layering inside, as in flash-linear-attention: kernel (``*_kernel``) -> launcher
 from .attention import block_sparse_attention_fwd
 from .mass import block_attention_mass_fwd
 from .tiled_attention import block_sparse_attention_tiled_fwd
+from .tiled_attention_bwd import block_sparse_attention_tiled_bwd
 
-__all__ = ["block_attention_mass_fwd", "block_sparse_attention_fwd", "block_sparse_attention_tiled_fwd"]
+__all__ = ["block_attention_mass_fwd", "block_sparse_attention_fwd", "block_sparse_attention_tiled_bwd",
+           "block_sparse_attention_tiled_fwd"]

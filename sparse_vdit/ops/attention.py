@@ -99,6 +99,63 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
     return o, lse
 
 
+def _tiled_orders(q, token_order, kv_token_order, length, step):
+    """(order, kv order) padded with -1 to a multiple of ``step`` covering ``length`` positions."""
+    N = q.shape[2]
+    Lt = -(-length // step) * step
+    if token_order is None:
+        order = torch.arange(Lt, device=q.device, dtype=torch.int32)
+        order = torch.where(order < N, order, torch.full_like(order, -1))
+    else:
+        order = torch.nn.functional.pad(token_order, (0, Lt - token_order.numel()), value=-1)
+    kv_order = order if kv_token_order is None else \
+        torch.nn.functional.pad(kv_token_order, (0, Lt - kv_token_order.numel()), value=-1)
+    return order, kv_order
+
+
+def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, scale,
+                      q_block, kv_block, num_q_blocks):
+    """dq, dk, dv by the Triton backward kernels on contiguous tiled copies (gathered once)."""
+    from ..kernels import block_sparse_attention_tiled_bwd
+    from .mask import blocks_to_indices
+
+    B, H, N, D = q.shape
+    Mk = int(kv_indices.max()) + 1 if kv_indices.numel() else 1
+    step = q_block * kv_block // math.gcd(q_block, kv_block)
+    length = max(num_q_blocks * q_block, Mk * kv_block, token_order.numel() if token_order is not None else N)
+    order, kv_order = _tiled_orders(q, token_order, kv_token_order, length, step)
+    Lt = order.numel()
+    q_ok, kv_ok = order >= 0, kv_order >= 0
+    qi, ki = order.clamp(min=0), kv_order.clamp(min=0)
+    qt, kt, vt = q.index_select(2, qi), k.index_select(2, ki), v.index_select(2, ki)
+    dot = (grad_o.index_select(2, qi) * q_ok[:, None]).contiguous()
+    ot = o.index_select(2, qi)
+    lse_t = lse.index_select(2, qi)
+    # Rows of padding or without keys get no gradient: LSE = +inf makes their P zero.
+    lse_t = torch.where(q_ok & torch.isfinite(lse_t), lse_t, torch.full_like(lse_t, float("inf"))).contiguous()
+    delta_t = ((dot.float() * ot.float()).sum(-1) - grad_lse.index_select(2, qi).float() * q_ok).contiguous()
+    kv_valid = kv_ok.to(torch.int8)
+    kv_block_pad = (~kv_ok.view(-1, kv_block)).any(-1).to(torch.int8)
+    # The mask's rows over Lt // q_block query blocks, and its columns (who visits each key block).
+    Bm, Hm, Mq = kv_counts.shape
+    rows, cols = Lt // q_block, Lt // kv_block
+    dense = torch.zeros(Bm, Hm, rows, cols + 1, dtype=torch.bool, device=q.device)
+    valid = torch.arange(kv_indices.shape[-1], device=q.device) < kv_counts.unsqueeze(-1)
+    idx = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, cols, dtype=torch.long))
+    dense[:, :, :Mq].scatter_(-1, idx, True)
+    dense = dense[..., :cols]
+    counts_r, indices_r = blocks_to_indices(dense, max(int(dense.sum(-1).max()), 1))
+    counts_c, indices_c = blocks_to_indices(dense.transpose(-1, -2), max(int(dense.sum(-2).max()), 1))
+    dqt, dkt, dvt = block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, counts_r, indices_r, counts_c,
+                                                     indices_c, kv_valid, kv_block_pad, scale, q_block, kv_block)
+    pos_q, pos_k = tiled_position(order, N), tiled_position(kv_order, N)
+
+    def back(xt, pos):
+        return xt.index_select(2, pos.clamp(min=0)).masked_fill((pos < 0)[None, None, :, None], 0.0)
+
+    return back(dqt, pos_q), back(dkt, pos_k), back(dvt, pos_k)
+
+
 @block_sparse_attention_op.register_fake
 def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend,
       tile_counts=None, tile_indices=None, tile_flags=None, tile_rows=0):
@@ -113,6 +170,8 @@ def block_sparse_attention_bwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
     kv_counts: torch.Tensor,
     kv_indices: torch.Tensor,
     token_order: torch.Tensor | None,
@@ -121,31 +180,38 @@ def block_sparse_attention_bwd_op(
     q_block: int,
     kv_block: int,
     num_q_blocks: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of the forward, by the torch backend's block-gather backward (exact; any device;
-    memory as the torch forward). The same function whichever backend ran the forward."""
+    """(dq, dk, dv) of the forward: the Triton backward kernels (``backend`` triton) or the torch
+    block-gather algebra (any other backend; exact on any device). The same function either way."""
+    if backend == "triton":
+        return _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order,
+                                 kv_token_order, scale, q_block, kv_block, num_q_blocks)
     return torch_block_sparse_attention_bwd(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order,
                                             kv_token_order, scale, q_block, kv_block, num_q_blocks)
 
 
 @block_sparse_attention_bwd_op.register_fake
-def _(grad_o, grad_lse, q, k, v, *rest):
+def _(grad_o, grad_lse, q, k, v, o, lse, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks = inputs[:11]
-    ctx.save_for_backward(q, k, v, kv_counts, kv_indices, token_order, kv_token_order)
-    ctx.meta = (scale, q_block, kv_block, num_q_blocks)
+    q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend = \
+        inputs[:12]
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order)
+    # The Triton backward follows a Triton forward (tiled or gather: the same function).
+    ctx.meta = (scale, q_block, kv_block, num_q_blocks, "triton" if backend in TRITON_BACKENDS else "torch")
 
 
 def _backward(ctx, grad_o, grad_lse):
-    q, k, v, kv_counts, kv_indices, token_order, kv_token_order = ctx.saved_tensors
+    q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order = ctx.saved_tensors
     if grad_o is None:
         grad_o = torch.zeros_like(q)
     if grad_lse is None:
         grad_lse = q.new_zeros(q.shape[:3], dtype=torch.float32)
-    dq, dk, dv = block_sparse_attention_bwd_op(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order,
+    dq, dk, dv = block_sparse_attention_bwd_op(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order,
                                                kv_token_order, *ctx.meta)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
 
