@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import masks, ops, plan, viz
+from .analysis import analyze, edit
 from .calibration import calibrate
 from .integration import SparseAttnProcessor, apply, dense_plan, remove, uniform_plan
 from .masks import VideoLayout
@@ -15,10 +16,12 @@ __all__ = [
     "SparseAttnProcessor",
     "SparsityPlan",
     "VideoLayout",
+    "analyze",
     "apply",
     "block_sparse_attention",
     "calibrate",
     "dense_plan",
+    "edit",
     "masks",
     "ops",
     "plan",

@@ -118,7 +118,7 @@ def _check_embeds(name: str, embeds: list, transformer) -> None:
                              f"embeddings of width {width} (its text encoder's hidden size)")
 
 
-def _calibration_prompts(target, transformer, prompts, prompt_embeds) -> list:
+def calibration_prompts(target, transformer, prompts, prompt_embeds) -> list:
     """The prompts (strings) or prompt embeddings (tensors [1, T, width]) to calibrate on, checked."""
     if prompts is not None and prompt_embeds is not None:
         raise ValueError("give prompts or prompt_embeds, not both")
@@ -145,7 +145,7 @@ def _calibration_prompts(target, transformer, prompts, prompt_embeds) -> list:
     return items
 
 
-def _sample_steps(num_steps: int, sample: Sequence[float] | None) -> list[int]:
+def sample_step_indices(num_steps: int, sample: Sequence[float] | None) -> list[int]:
     fractions = sample if sample is not None else (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 0.95)
     return sorted({min(num_steps - 1, int(round(f * (num_steps - 1)))) for f in fractions})
 
@@ -273,7 +273,7 @@ def calibrate(
     if run is None:
         if not hasattr(target, "transformer"):
             raise ValueError("a bare transformer needs run=callable(transformer, prompt_index)")
-        items = _calibration_prompts(target, transformer, prompts, prompt_embeds)
+        items = calibration_prompts(target, transformer, prompts, prompt_embeds)
         if prompt_embeds is not None:
             _check_embeds("negative_prompt_embeds", [negative_prompt_embeds] if negative_prompt_embeds is not None else [],
                           transformer)
@@ -305,7 +305,7 @@ def calibrate(
             raise ValueError("global_budget holds out the last prompt: give at least two prompts")
     else:
         num_prompts = int(pipe_kwargs.pop("num_prompts", 1))
-    steps = _sample_steps(num_inference_steps, sample_steps)
+    steps = sample_step_indices(num_inference_steps, sample_steps)
     base = dense_plan(transformer, tile=tile)
     done: dict[str, Any] = {"records": [], "prompts_done": 0}
     ckpt = pathlib.Path(checkpoint) if checkpoint else None

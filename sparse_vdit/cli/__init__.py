@@ -1,4 +1,4 @@
-"""Command line: ``sparse-vdit demo | calibrate | inspect | bench``, one module per subcommand, each
+"""Command line: ``sparse-vdit demo | calibrate | analyze | edit | inspect | bench``, one module per subcommand, each
 with ``add_parser(sub)`` and ``run(args, parser)``.
 
 A mistake a user can make (a bad value, a missing file, a plan that does not fit) ends in one
@@ -11,7 +11,7 @@ import importlib
 import pathlib
 import sys
 
-from . import calibrate, demo, inspect
+from . import analyze, calibrate, demo, edit, inspect
 
 BENCHMARKS = {"kernel": "bench_kernel", "e2e": "bench_e2e", "calibration": "bench_calibration",
               "static": "bench_static", "backward": "bench_backward"}
@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-vdit", description="Sparse attention for video diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"sparse_vdit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,calibrate,inspect,bench}", required=True)
-    for module in (demo, calibrate, inspect):
+    sub = parser.add_subparsers(dest="command", metavar="{demo,calibrate,analyze,edit,inspect,bench}", required=True)
+    for module in (demo, calibrate, analyze, edit, inspect):
         _common(module.add_parser(sub))
     _add_bench(sub)
     return parser
