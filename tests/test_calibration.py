@@ -221,3 +221,25 @@ def test_every_family_calibrates(family, tmp_path):
     assert sv.SparsityPlan.load(tmp_path / "p.json").heads == plan.heads
     paths = sv.calibration.save_report(plan, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_ladders_pick_the_cheapest_rung_within_budget(planted, planted_plan):
+    """With ladders every rung of the family is measured, each head gets the sparsest option whose
+    worst error fits the budget, and no head ends up denser than with the family default alone."""
+    kw = dict(run=_wan_run(), num_prompts=2, num_inference_steps=4, error_budget=0.05, tile=(1, 4, 4),
+              sample_steps=(0.0, 0.5, 1.0), progress=False)
+    plan = sv.calibrate(planted, candidates=["sliding_tile"], ladders=True, **kw)
+    default = sv.calibrate(planted, candidates=["sliding_tile"], **kw)
+    rungs = [sv.masks.spec_name(s) for s in sv.masks.ladder("sliding_tile")]
+    assert set(plan.metrics["candidates"]) == set(rungs) and len(rungs) > 1
+    records = plan.metrics["records"]
+    for layer, row in enumerate(plan.metrics["per_head"]):
+        rec = [r for r in records if r["layer"] == layer][-1]
+        for h, head in enumerate(row):
+            density = dict(zip(rec["options"], (d[h] for d in rec["densities"])))
+            fitting = [density[o] for o, e in head["worst_error_by_option"].items() if e <= 0.05 and density[o] < 1]
+            if fitting:
+                assert head["chosen"] != "dense" and abs(head["density"] - min(fitting)) < 1e-6
+            else:
+                assert head["chosen"] == "dense"
+            assert head["density"] <= default.metrics["per_head"][layer][h]["density"] + 1e-9

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..integration import AttentionStrategy, LayerSlot, SparseAttnProcessor, adapter_for, apply, dense_plan, remove
-from ..masks import block_matrix, normalize_spec, sink_blocks, spec_name
+from ..masks import block_matrix, ladder, normalize_spec, sink_blocks, spec_name
 from ..ops import BlockSparseMask, default_backend, dense_attention
 from ..plan import SparsityPlan, model_fingerprint
 from .measure import (LayerMeasurement, head_errors, layer_attention_mass, mass_inside, option_names, sink_frames,
@@ -232,6 +232,7 @@ def calibrate(
     prompts: Sequence[str] | None = None,
     num_inference_steps: int = 50,
     candidates: Sequence[str | dict] = DEFAULT_CANDIDATES,
+    ladders: bool = False,
     error_budget: float = 0.05,
     tile: tuple[int, int, int] = (1, 8, 8),
     sample_steps: Sequence[float] | None = None,
@@ -251,6 +252,9 @@ def calibrate(
             with ``prompts[i]`` or ``prompt_embeds[i]``, ``num_inference_steps`` and ``pipe_kwargs``
             (height, width, num_frames, guidance_scale, ...).
         candidates: mask specs to try (each also with each head's detected sink frames).
+        ladders: expand each candidate given as a bare kind name into its family's ladder of
+            parameters (``sparse_vdit.masks.ladder``), so each head gets the cheapest rung within
+            budget across all families; costs one measurement per rung.
         error_budget: largest allowed relative error ||O_mask - O_dense|| / ||O_dense|| per head.
         sample_steps: fractions of the schedule at which to measure (default 7 points).
         checkpoint: a JSON file for partial measurements; an existing one resumes the run.
@@ -267,7 +271,10 @@ def calibrate(
     adapter_for(transformer)
     if not 0 < error_budget < 1:
         raise ValueError(f"error_budget must lie in (0, 1), got {error_budget}")
-    cand = sorted((normalize_spec(c) for c in candidates), key=lambda c: spec_name(c))
+    expanded = []
+    for c in candidates:
+        expanded.extend(ladder(c) if ladders and isinstance(c, str) else [normalize_spec(c)])
+    cand = sorted({spec_name(c): c for c in expanded}.values(), key=lambda c: spec_name(c))
     if not cand or any(c["kind"] == "dense" for c in cand):
         raise ValueError("candidates must be a non-empty list of sparse mask specs (dense is always the fallback)")
     if run is None:

@@ -30,6 +30,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (default: the pipeline's own)")
     p.add_argument("--candidates", default="sliding_tile,radial,spatial,temporal",
                    help="comma-separated mask kinds to try per head (dense is always the fallback)")
+    p.add_argument("--ladders", action="store_true",
+                   help="search each candidate kind's ladder of parameters (window sizes, radial bands, ...) "
+                        "instead of its default alone")
     p.add_argument("--error-budget", type=float, default=0.05,
                    help="largest relative output error per head, in (0, 1)")
     p.add_argument("--tile", default="1,8,8", help="tile t,h,w in latent tokens (volume a power of two >= 16)")
@@ -137,7 +140,8 @@ def run(args, p) -> int:
         if args.guidance_scale is not None:
             kw["guidance_scale"] = args.guidance_scale
         steps = args.steps
-    plan = sv.calibrate(target, num_inference_steps=steps, candidates=candidates, error_budget=args.error_budget,
+    plan = sv.calibrate(target, num_inference_steps=steps, candidates=candidates, ladders=args.ladders,
+                        error_budget=args.error_budget,
                         tile=tile, checkpoint=args.checkpoint, global_budget=args.global_budget, **kw)
     out = plan.save(args.out)
     report = pathlib.Path(args.report) if args.report else out.parent / (out.stem + "_report")
