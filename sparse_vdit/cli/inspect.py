@@ -24,6 +24,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tile", default="1,8,8", help="tile t,h,w")
     p.add_argument("--text", type=int, default=0, help="text tokens in the sequence")
     p.add_argument("--png", help="save a picture of the mask (or of the plan's first layer)")
+    p.add_argument("--ulysses", type=int, default=None, metavar="P",
+                   help="with a plan: the work each of P Ulysses ranks gets per layer (heads split in "
+                        "contiguous chunks), and the imbalance max / mean")
     p.set_defaults(func=run)
     return p
 
@@ -65,6 +68,17 @@ def run(args, p) -> int:
         total += sum(dens)
         dense_heads = sum(s["kind"] == "dense" for s in specs)
         print(f"  layer {layer:3d}: mean density {sum(dens) / len(dens):.3f}, dense heads {dense_heads}/{len(specs)}")
+    if args.ulysses is not None:
+        if args.ulysses < 1:
+            p.error(f"--ulysses must be >= 1, got {args.ulysses}")
+        from sparse_vdit.integration.parallel import head_imbalance
+
+        rows = head_imbalance(plan, layout, args.ulysses)
+        print(f"Ulysses {args.ulysses}: visited key blocks per rank (sum of head densities), imbalance = max / mean")
+        for row in rows:
+            print(f"  layer {row['layer']:3d}: ranks {row['rank_load']}  imbalance {row['imbalance']:.2f}")
+        worst = max(rows, key=lambda r: r["imbalance"])
+        print(f"worst layer {worst['layer']}: imbalance {worst['imbalance']:.2f} (the slowest rank sets the pace)")
     avg = total / (plan.num_layers * plan.num_heads)
     print(f"average density {avg:.3f}; attention speedup at most {1 / avg:.2f}x on sparse steps (ideal 1/density)")
     if args.png:

@@ -29,6 +29,7 @@ from ..masks import VideoLayout, build
 from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
 from ..plan import SparsityPlan
 from .adapters import ModelAdapter, adapter_for, check_plan
+from .parallel import Ulysses, heads_to_sequence, local_heads, sequence_to_heads, ulysses_of
 
 _SLOT = "_sparse_vdit_slot"
 MAX_CACHED_LAYOUTS = 4  # masks are kept for this many (layout, device) pairs, least recently used dropped
@@ -54,6 +55,9 @@ class LayerSlot:
     # are ``sparse_heads``; the ``dense_heads`` run dense attention (SDPA). None when not mixed.
     sparse_heads: torch.Tensor | None = None
     dense_heads: torch.Tensor | None = None
+    # Under diffusers' context parallelism (Ulysses): this rank's group, else None.
+    ulysses: Ulysses | None = None
+    full_mask: BlockSparseMask | None = None  # the layer's mask over all heads (for Ulysses)
 
 
 @dataclass(eq=False)
@@ -100,9 +104,17 @@ class SparseAttention(AttentionStrategy):
         return slot.mask is not None
 
     def attend(self, q, k, v, slot: LayerSlot, key_valid=None) -> torch.Tensor:
-        if q.shape[1] != slot.layout.seq_len:
+        local = slot.layout.seq_len // slot.ulysses.degree if slot.ulysses is not None else slot.layout.seq_len
+        if q.shape[1] != local:
             raise ValueError(f"attention sequence has {q.shape[1]} tokens but the latent grid gives {slot.layout.seq_len}")
         backend = self.backend or default_backend(q.device)
+        if slot.ulysses is not None:  # tokens split over ranks: all tokens of this rank's heads, then back
+            u, heads = slot.ulysses, q.shape[2]
+            qh, kh, vh = (sequence_to_heads(x, u) for x in (q, k, v))
+            kv = None if key_valid is None else key_valid  # the full sequence's keys (replicated inputs)
+            o = sparse_attention(qh, kh, vh, local_heads(slot.full_mask, u, heads), slot.token_order, key_valid=kv,
+                                 backend=backend)
+            return heads_to_sequence(o, u, heads)
         if slot.dense_heads is None:
             return sparse_attention(q, k, v, slot.mask, slot.token_order, key_valid=key_valid, backend=backend)
         # Dense heads of a mixed layer go to the fastest dense kernel, the others to the sparse one.
@@ -123,6 +135,8 @@ class SparseAttnProcessor:
         attention: an :class:`AttentionStrategy` instead of :class:`SparseAttention` (calibration
             and analysis measure through this).
     """
+
+    _parallel_config = None  # set by diffusers' enable_parallelism; the hook reads the transformer's own
 
     def __init__(self, plan: SparsityPlan, backend: str | None = None, attention: AttentionStrategy | None = None):
         if not isinstance(plan, SparsityPlan):
@@ -265,10 +279,16 @@ class SparseAttnProcessor:
         device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
         warm_up = binding.step < self.plan.dense_step_count(self._num_steps(binding))
         order = binding.layout.token_order(device)
+        ulysses = ulysses_of(model, sparse=not warm_up and not all(self._layer_dense))
+        parallel_config = getattr(model, "_parallel_config", None)
         for slot in binding.slots:
+            slot.ulysses = ulysses
+            if parallel_config is not None and hasattr(slot.stock, "_parallel_config"):
+                slot.stock._parallel_config = parallel_config  # dense layers run diffusers' own parallel attention
             sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
             slot.mask, slot.sparse_heads, slot.dense_heads = \
                 self._sparse_part(slot.layer, binding.layout, device) if sparse else (None, None, None)
+            slot.full_mask = self.mask_for(slot.layer, binding.layout, device) if sparse and ulysses else None
             slot.token_order = order
             slot.layout = binding.layout
             slot.step = binding.step
