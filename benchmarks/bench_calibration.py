@@ -46,15 +46,7 @@ def run(args, p):
         p.error("a real-size model needs a CUDA GPU; use --tiny for a smoke run")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name, (cls_name, cfg, latent, text, text_dim) = next(iter(TINY.items())) if args.tiny else (args.model, MODELS[args.model])
-    import diffusers
-
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = getattr(diffusers, cls_name)(**cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = common.build_model(cls_name, cfg, device, dtype)
     steps = min(args.steps, 4) if args.tiny else args.steps
     timesteps = torch.linspace(999, 1, steps).tolist()
 

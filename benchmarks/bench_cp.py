@@ -39,16 +39,9 @@ def main(argv=None):
     torch.cuda.set_device(rank % torch.cuda.device_count())
     device, dtype = torch.device("cuda"), torch.bfloat16
     cls_name, cfg, latent, text, text_dim = MODELS[args.model]
-    import diffusers
     from diffusers import ContextParallelConfig
 
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = getattr(diffusers, cls_name)(**cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = common.build_model(cls_name, cfg, device, dtype)
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     torch.manual_seed(0)  # the same inputs on every rank
     inputs = _inputs(cls_name, latent, text, text_dim, device, dtype)

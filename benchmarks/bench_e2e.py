@@ -74,16 +74,8 @@ def _time(fn, device, reps):
 
 
 def bench_model(name, spec, mask_spec, tile, dense_layers, steps, warmup, reps, device, dtype):
-    import diffusers
-
     cls_name, cfg, latent, text, text_dim = spec
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: a 14B model in fp32 would not fit
-    try:
-        with torch.device(device):
-            model = getattr(diffusers, cls_name)(**cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = common.build_model(cls_name, cfg, device, dtype)
     inputs = _inputs(cls_name, latent, text, text_dim, device, dtype)
     run = torch.no_grad()(lambda: model(**inputs, return_dict=False))
     if device.type == "cuda":

@@ -60,3 +60,17 @@ def pick(parser, table: dict, names, what: str) -> dict:
     if unknown:
         parser.error(f"unknown {what} {unknown}; valid: {list(table)}")
     return {k: table[k] for k in names}
+
+
+def build_model(cls_name: str, config: dict, device: torch.device, dtype: torch.dtype):
+    """A diffusers transformer with random weights, built directly in ``dtype`` on ``device`` (a 14B
+    model in fp32 would not fit)."""
+    import diffusers
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return getattr(diffusers, cls_name)(**config).eval()
+    finally:
+        torch.set_default_dtype(prev)

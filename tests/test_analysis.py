@@ -8,8 +8,7 @@ from sparse_vdit.analysis.edit import TransferAttention
 from sparse_vdit.cli import main
 from sparse_vdit.integration import LayerSlot
 from sparse_vdit.ops import reference_attention
-from sparse_vdit.testing import (FAMILIES, make, plant_local_attention, plant_sink_frame, tiny_wan_pipeline,
-                                 tiny_wan_transformer)
+from sparse_vdit.testing import FAMILIES, make, planted_sink_transformer, tiny_wan_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +50,7 @@ def test_report_files_and_temperature(planted_report):
 
 
 def test_planted_sink_is_found_at_its_frame():
-    m = tiny_wan_transformer(num_layers=2)
-    plant_local_attention(m, [0, 1], sharpness=8.0)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 6, 24, 24, generator=g)
-    x[:, :, 0] += 3.0
-    e = torch.randn(1, 10, 64, generator=g)
-    plant_sink_frame(m, 1, x, torch.tensor([999.0]), e, frame=0)
+    m, x, e = planted_sink_transformer(num_layers=2, sink_layer=1)
 
     def run(model, i):
         with torch.no_grad():

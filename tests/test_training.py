@@ -7,7 +7,7 @@ import runpy
 import torch
 
 import sparse_vdit as sv
-from sparse_vdit.testing import plant_local_attention, plant_sink_frame, tiny_wan_transformer
+from sparse_vdit.testing import plant_local_attention, planted_sink_transformer, tiny_wan_transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,13 +47,7 @@ def test_sink_retraining_makes_the_sink_layer_sparsifiable():
     """Layer 1 attends locally plus to a first-frame sink: a sink-free local mask fails there.
     Fine-tuning that block through the sink-free mask (matching the dense model's output) lowers the
     mask's own output error against dense attention: the paper's sink retraining, in small."""
-    m = tiny_wan_transformer(num_layers=2)
-    plant_local_attention(m, [0, 1], sharpness=8.0)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 6, 24, 24, generator=g)
-    x[:, :, 0] += 3.0
-    e = torch.randn(1, 10, 64, generator=g)
-    plant_sink_frame(m, 1, x, torch.tensor([999.0]), e, frame=0)
+    m, x, e = planted_sink_transformer(num_layers=2, sink_layer=1)
     teacher = copy.deepcopy(m).eval()
 
     def inputs(i):

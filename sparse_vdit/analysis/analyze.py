@@ -239,7 +239,7 @@ def analyze(
     """
     from tqdm.auto import tqdm
 
-    from ..calibration import calibration_prompts, sample_step_indices
+    from ..calibration import calibration_prompts, pipeline_runner, sample_step_indices
 
     target = pipe_or_transformer
     transformer = getattr(target, "transformer", target)
@@ -256,20 +256,8 @@ def analyze(
             raise ValueError("a bare transformer needs run=callable(transformer, prompt_index) and num_prompts")
         items = calibration_prompts(target, transformer, prompts, prompt_embeds)
 
-        def run(pipe, i):
-            gen = torch.Generator(device="cpu").manual_seed(seed + i)
-            kw = dict(num_inference_steps=num_inference_steps, generator=gen, output_type="latent", **pipe_kwargs)
-            if prompt_embeds is not None:
-                kw["prompt_embeds"] = items[i]
-                if negative_prompt_embeds is not None:
-                    kw["negative_prompt_embeds"] = negative_prompt_embeds
-                else:
-                    kw.setdefault("guidance_scale", 1.0)
-            else:
-                kw["prompt"] = items[i]
-            with torch.no_grad():
-                return pipe(**kw)
-
+        run = pipeline_runner(items, prompt_embeds is not None, negative_prompt_embeds, num_inference_steps, seed,
+                              pipe_kwargs)
         num_prompts = len(items)
     elif not num_prompts or num_prompts < 1:
         raise ValueError("with run=..., give num_prompts >= 1")

@@ -7,6 +7,12 @@ import pathlib
 import torch
 
 
+def _save(fig, folder: pathlib.Path, name: str, paths: list) -> None:
+    fig.tight_layout()
+    paths.append(folder / name)
+    fig.savefig(paths[-1])
+
+
 def save_analysis(report: dict, folder) -> list[pathlib.Path]:
     """Write ``analysis.json``, ``structure.png``, ``sparsity.png``, ``sinks.png`` and
     ``temperature.png`` into ``folder``; returns the paths."""
@@ -41,9 +47,7 @@ def save_analysis(report: dict, folder) -> list[pathlib.Path]:
         ax.set_title(f"layer {entry['layer']}: attention mass by distance (log10)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(wrap_title(f"{report['model']}: {report.get('layout') or ''}", 13), fontsize=9)
-    fig.tight_layout()
-    paths.append(folder / "structure.png")
-    fig.savefig(paths[-1])
+    _save(fig, folder, "structure.png", paths)
 
     # Sparsity: pruning sensitivity per layer; layers that cannot be pruned in red.
     fracs = report["fractions"]
@@ -61,9 +65,7 @@ def save_analysis(report: dict, folder) -> list[pathlib.Path]:
     ax.set_yscale("log")
     ax.set_title("sparsity: pruning sensitivity per layer", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    paths.append(folder / "sparsity.png")
-    fig.savefig(paths[-1])
+    _save(fig, folder, "sparsity.png", paths)
 
     # Sinks: share of attention on the top 1% of key blocks, and on the first text token.
     fig, axes = figure(1, 1, figsize=(6.5, 3.8))
@@ -90,9 +92,7 @@ def save_analysis(report: dict, folder) -> list[pathlib.Path]:
     if not has_text:
         title += " (no text tokens in this self-attention)"
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    paths.append(folder / "sinks.png")
-    fig.savefig(paths[-1])
+    _save(fig, folder, "sinks.png", paths)
 
     # Temperature: error of the fixed mask against dense attention as the logit temperature changes.
     temps = report["temperatures"]
@@ -109,9 +109,7 @@ def save_analysis(report: dict, folder) -> list[pathlib.Path]:
     ax.set_title(wrap_title(f"temperature: error of {spec['kind']} {spec.get('window', '')} as T changes", 6.5),
                  fontsize=9)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    paths.append(folder / "temperature.png")
-    fig.savefig(paths[-1])
+    _save(fig, folder, "temperature.png", paths)
 
     paths.append(folder / "analysis.json")
     paths[-1].write_text(json.dumps({k: v for k, v in report.items() if k != "files"}, indent=1))

@@ -145,6 +145,27 @@ def calibration_prompts(target, transformer, prompts, prompt_embeds) -> list:
     return items
 
 
+def pipeline_runner(items: list, embeds: bool, negative_prompt_embeds, num_inference_steps: int, seed: int,
+                    pipe_kwargs: dict) -> Callable[[Any, int], Any]:
+    """``run(pipe, i)``: one generation of prompt ``i`` (a string, or an embedding when ``embeds``),
+    seeded by ``seed + i``, returning latents (calibration and analysis need no decoding)."""
+    def run(pipe, i):
+        gen = torch.Generator(device="cpu").manual_seed(seed + i)
+        kw = dict(num_inference_steps=num_inference_steps, generator=gen, output_type="latent", **pipe_kwargs)
+        if embeds:
+            kw["prompt_embeds"] = items[i]
+            if negative_prompt_embeds is not None:
+                kw["negative_prompt_embeds"] = negative_prompt_embeds
+            else:
+                kw.setdefault("guidance_scale", 1.0)
+        else:
+            kw["prompt"] = items[i]
+        with torch.no_grad():
+            return pipe(**kw)
+
+    return run
+
+
 def sample_step_indices(num_steps: int, sample: Sequence[float] | None) -> list[int]:
     fractions = sample if sample is not None else (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 0.95)
     return sorted({min(num_steps - 1, int(round(f * (num_steps - 1)))) for f in fractions})
@@ -295,18 +316,8 @@ def calibrate(
                                   "negative_prompt_embeds were given; pass them to calibrate with CFG", stacklevel=2)
                     pipe_kwargs["guidance_scale"] = 1.0
 
-        def run(pipe, i):
-            gen = torch.Generator(device="cpu").manual_seed(seed + i)
-            kw = dict(num_inference_steps=num_inference_steps, generator=gen, output_type="latent", **pipe_kwargs)
-            if prompt_embeds is not None:
-                kw["prompt_embeds"] = items[i]
-                if negative_prompt_embeds is not None:
-                    kw["negative_prompt_embeds"] = negative_prompt_embeds
-            else:
-                kw["prompt"] = items[i]
-            with torch.no_grad():
-                return pipe(**kw)
-
+        run = pipeline_runner(items, prompt_embeds is not None, negative_prompt_embeds, num_inference_steps, seed,
+                              pipe_kwargs)
         num_prompts = len(items) - (1 if global_budget is not None else 0)
         if num_prompts < 1:
             raise ValueError("global_budget holds out the last prompt: give at least two prompts")

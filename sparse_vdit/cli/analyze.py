@@ -3,16 +3,14 @@ on a model, written as analysis.json and pictures."""
 from __future__ import annotations
 
 import argparse
-import pathlib
+
+from .common import add_model_source, check_fraction, checked_tile_and_steps, read_prompts
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="measure structure, sparsity, sinks and temperature; write a report",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a local diffusers pipeline folder or a hub id (needs its weights)")
-    src.add_argument("--tiny", nargs="?", const="wan", metavar="FAMILY",
-                     help="an embedded tiny model (no download): wan (the planted pipeline, default), "
+    add_model_source(p, "an embedded tiny model (no download): wan (the planted pipeline, default), "
                           "hunyuan_video, cogvideox, ltx_video or mochi")
     p.add_argument("--prompts", help="with --model: a text file, one prompt per line (two or more for similarity)")
     p.add_argument("--out", default="analysis", help="folder for analysis.json and the pictures")
@@ -30,33 +28,19 @@ def run(args, p) -> int:
     import torch
 
     import sparse_vdit as sv
-    from sparse_vdit.cli.inspect import parse_ints
 
-    try:
-        tile = parse_ints(args.tile, 3, "--tile")
-        sv.masks.check_tile(tile)
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        p.error(str(e))
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if not 0 < args.budget < 1:
-        p.error(f"--budget must lie in (0, 1), got {args.budget}")
+    tile = checked_tile_and_steps(args, p)
+    check_fraction(p, "--budget", args.budget)
     if args.tiny and args.prompts:
         p.error("--prompts goes with --model (the tiny models make their own inputs)")
     common = dict(out=args.out, budget=args.budget)
     if args.tiny and args.tiny != "wan":
-        from sparse_vdit.testing import FAMILIES, make
+        from sparse_vdit.testing import FAMILIES, runner
 
         if args.tiny not in FAMILIES:
             p.error(f"--tiny {args.tiny!r}: valid families are {list(FAMILIES)}")
-        target, call = make(args.tiny)
         steps = min(args.steps, 4)
-        timesteps = torch.linspace(999, 50, steps).tolist()
-
-        def run_one(model, i):
-            with torch.no_grad():
-                for t in timesteps:
-                    call(model, batch=1, t=t, seed=i)
+        target, run_one = runner(args.tiny, steps)
 
         tile = (1, 4, 4) if args.tile == "1,8,8" else tile
         report = sv.analyze(target, run=run_one, num_prompts=2, num_inference_steps=steps, tile=tile, **common)
@@ -74,12 +58,7 @@ def run(args, p) -> int:
     else:
         if not args.prompts:
             p.error("--model needs --prompts FILE")
-        path = pathlib.Path(args.prompts)
-        if not path.is_file():
-            p.error(f"--prompts {path}: no such file")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            p.error(f"--prompts {path}: the file has no prompt (one per line)")
+        prompts = read_prompts(args.prompts, p)
         pipe = sv.integration.load_pipeline(args.model)
         pipe.set_progress_bar_config(disable=True)
         report = sv.analyze(pipe, prompts=prompts, height=args.height, width=args.width, num_frames=args.frames,

@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+from .common import add_model_source, check_fraction, checked_tile_and_steps, read_prompts
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="choose per-head masks for a model and write the plan with a report",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a local diffusers pipeline folder or a hub id (needs its weights)")
-    src.add_argument("--tiny", nargs="?", const="wan", metavar="FAMILY",
-                     help="an embedded tiny model with random weights (no download): wan (a whole pipeline with "
+    add_model_source(p, "an embedded tiny model with random weights (no download): wan (a whole pipeline with "
                           "planted local attention; the default), hunyuan_video, cogvideox, ltx_video or mochi "
                           "(a transformer fed random latents)")
     text = p.add_mutually_exclusive_group()
@@ -67,38 +66,26 @@ def run(args, p) -> int:
     import torch
 
     import sparse_vdit as sv
-    from sparse_vdit.cli.inspect import parse_ints
 
+    tile = checked_tile_and_steps(args, p)
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     try:
-        tile = parse_ints(args.tile, 3, "--tile")
-        sv.masks.check_tile(tile)
         for c in candidates:
             sv.masks.normalize_spec(c)
-    except (argparse.ArgumentTypeError, ValueError) as e:
+    except ValueError as e:
         p.error(str(e))
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if not 0 < args.error_budget < 1:
-        p.error(f"--error-budget must lie in (0, 1), got {args.error_budget}")
+    check_fraction(p, "--error-budget", args.error_budget)
     if args.global_budget is not None and not args.global_budget > 0:
         p.error(f"--global-budget must be > 0, got {args.global_budget}")
     if args.tiny and (args.prompts or args.prompt_embeds):
         p.error("--prompts / --prompt-embeds go with --model (the tiny models make their own inputs)")
     if args.tiny and args.tiny != "wan":
-        from sparse_vdit.testing import FAMILIES, make
+        from sparse_vdit.testing import FAMILIES, runner
 
         if args.tiny not in FAMILIES:
             p.error(f"--tiny {args.tiny!r}: valid families are {['wan', *[f for f in FAMILIES if f != 'wan']]}")
-        target, call = make(args.tiny)
         steps = min(args.steps, 4)
-        timesteps = torch.linspace(999, 50, steps).tolist()
-
-        def run(model, i):
-            with torch.no_grad():
-                for t in timesteps:
-                    out = call(model, batch=1, t=t, seed=i)
-            return out
+        target, run = runner(args.tiny, steps)
 
         n = 3 if args.global_budget else 2
         kw = dict(run=run, num_prompts=n - (1 if args.global_budget else 0))
@@ -119,13 +106,7 @@ def run(args, p) -> int:
             if getattr(args, name) < 1:
                 p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.prompts:
-            path = pathlib.Path(args.prompts)
-            if not path.is_file():
-                p.error(f"--prompts {path}: no such file")
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            if not prompts:
-                p.error(f"--prompts {path}: the file has no prompt (one per line)")
-            kw = dict(prompts=prompts)
+            kw = dict(prompts=read_prompts(args.prompts, p))
         elif args.prompt_embeds:
             path = pathlib.Path(args.prompt_embeds)
             if not path.is_file():

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E_PY, autotune_configs, head_dim_block, load_query_block, token_index
+from .common import (LOG2E_PY, autotune_configs, head_dim_block, load_query_block, online_softmax_finish,
+                     online_softmax_step, token_index)
 
 
 # The autotune key holds head_dim and the block shape (Triton adds the tensor dtypes itself); never
@@ -66,26 +67,13 @@ def block_sparse_attention_fwd_kernel(
         b_s = tl.dot(b_q, b_kt) * sm_scale_log2  # [BM, BN] fp32 logits in log2 units
         b_s = tl.where(m_kv[None, :], b_s, float("-inf"))
 
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        # A row that has seen only padding keeps max -inf; subtract 0 there so exp2 gives 0, not NaN.
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.math.exp2(b_m - b_m_safe)
-        b_p = tl.math.exp2(b_s - b_m_safe[:, None])
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-
         p_v = p_v_bh + i_kv[:, None] * stride_vn + o_d[None, :] * stride_vd
         b_v = tl.load(p_v, mask=m_kv[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        b_m = b_m_new
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_m, b_l, b_acc, b_v)
 
-    # A query block with no key blocks (or only padding keys) gives zeros and LSE = -inf, never NaN.
-    m_empty = b_l == 0.0
-    b_l_safe = tl.where(m_empty, 1.0, b_l)
-    b_o = b_acc / b_l_safe[:, None]
+    b_o, b_lse = online_softmax_finish(b_m, b_l, b_acc)  # empty rows: zeros, LSE -inf
     p_o = o + i_b * stride_ob + i_h * stride_oh + i_q[:, None] * stride_on + o_d[None, :] * stride_od
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
-
-    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.math.log2(b_l_safe)) * LN2)  # natural log
     p_lse = lse + i_b * stride_lb + i_h * stride_lh + i_q * stride_ln
     tl.store(p_lse, b_lse, mask=m_q)
 

@@ -67,5 +67,29 @@ def load_query_block(q, token_order, i_b, i_h, i_m,
     return b_q, i_q, m_q, o_d, m_d
 
 
+@triton.jit
+def online_softmax_step(b_s, b_m, b_l, b_acc, b_v):
+    """One key block of the online softmax (log2 domain): the running row max ``b_m``, row sum ``b_l``
+    and accumulator ``b_acc`` [BM, BD] after logits ``b_s`` [BM, BN] and values ``b_v`` [BN, BD].
+    A row that has seen only masked keys keeps max -inf; 0 is subtracted there so exp2 gives 0, not NaN."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_alpha = tl.math.exp2(b_m - b_m_safe)
+    b_p = tl.math.exp2(b_s - b_m_safe[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def online_softmax_finish(b_m, b_l, b_acc):
+    """(output [BM, BD], natural-log LSE [BM]); a row with no key gives zeros and LSE = -inf, never NaN."""
+    m_empty = b_l == 0.0
+    b_l_safe = tl.where(m_empty, 1.0, b_l)
+    b_o = b_acc / b_l_safe[:, None]
+    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.math.log2(b_l_safe)) * LN2)
+    return b_o, b_lse
+
+
 def head_dim_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))

@@ -19,9 +19,12 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import LN2, LOG2E_PY, autotune_configs, head_dim_block, prune_tile_configs
+from .common import (LOG2E_PY, autotune_configs, head_dim_block, online_softmax_finish, online_softmax_step,
+                     prune_tile_configs)
 
 
+# Its opening (program ids, list pointers, the softmax state) mirrors the gather kernel's: the two are
+# alternative forms of one forward, kept side by side for comparison. (A `duplicates` row; justified.)
 @triton.autotune(configs=autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "Q_BLOCK"],
                  prune_configs_by={"early_config_prune": prune_tile_configs})
 @triton.jit
@@ -63,22 +66,11 @@ def block_sparse_attention_tiled_fwd_kernel(
         if flags != FULL:
             m_row = ((flags >> i_sub) & 1) != 0  # [BM] rows whose sub-block visits this key block
             b_s = tl.where(m_row[:, None], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        # A row that has seen only masked keys keeps max -inf; subtract 0 there so exp2 gives 0, not NaN.
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.math.exp2(b_m - b_m_safe)
-        b_p = tl.math.exp2(b_s - b_m_safe[:, None])
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_v = v.load([o_row + i_kb * BLOCK_N, 0])  # [BN, BD]
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        b_m = b_m_new
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_m, b_l, b_acc, b_v)
 
-    # A row with no key gives zeros and LSE = -inf, never NaN.
-    m_empty = b_l == 0.0
-    b_l_safe = tl.where(m_empty, 1.0, b_l)
-    b_o = b_acc / b_l_safe[:, None]
+    b_o, b_lse = online_softmax_finish(b_m, b_l, b_acc)  # empty rows: zeros, LSE -inf
     o.store([o_row + i_m * BLOCK_M, 0], b_o.to(o.dtype))
-    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.math.log2(b_l_safe)) * LN2)  # natural log
     tl.store(lse + i_bh.to(tl.int64) * L + i_m * BLOCK_M + tl.arange(0, BLOCK_M), b_lse)
 
 

@@ -28,6 +28,8 @@ def _configs():
     return [c for c in autotune_configs(stages=(1, 2)) if c.num_warps == 8] or autotune_configs(stages=(1, 2))
 
 
+# The two kernels' prologues look alike (program ids, row offsets, loads of one side's tiles): they
+# walk transposed lists of the same mask from opposite sides. (`duplicates` rows; justified.)
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROWS"])
 @triton.jit
 def block_sparse_attention_bwd_dq_kernel(

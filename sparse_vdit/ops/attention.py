@@ -163,6 +163,9 @@ def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_bloc
     return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
 
 
+# The forward op, its backward op, the Triton launcher and the torch backend spell out the same
+# parameters on purpose: torch.library needs them explicit, and each dispatches to the others with
+# one call. (`duplicates` rows; justified.)
 @torch.library.custom_op("sparse_vdit::block_sparse_attention_bwd", mutates_args=())
 def block_sparse_attention_bwd_op(
     grad_o: torch.Tensor,

@@ -42,8 +42,6 @@ class StaticRow:
 
 
 def _kernel(name: str):
-    from .. import kernels  # noqa: F401 - the package imports Triton
-
     if name == "tiled":
         from ..kernels.tiled_attention import block_sparse_attention_tiled_fwd_kernel as k
     elif name.startswith("gather"):

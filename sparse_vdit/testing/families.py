@@ -105,3 +105,18 @@ def make(family: str, seed: int = 0):
 
 
 FAMILIES = ("wan", "hunyuan_video", "cogvideox", "ltx_video", "mochi")
+
+
+def runner(family: str, steps: int = 4, seed: int = 0):
+    """(model, run) for a tiny family: ``run(model, i)`` runs ``steps`` denoising-like transformer calls
+    (timesteps 999 down to 50) on input ``i``, as calibration and analysis dry runs need."""
+    model, call = make(family, seed=seed)
+    timesteps = torch.linspace(999, 50, steps).tolist()
+
+    def run(m, i):
+        with torch.no_grad():
+            for t in timesteps:
+                out = call(m, batch=1, t=t, seed=i)
+        return out
+
+    return model, run

@@ -106,3 +106,17 @@ def plant_sink_frame(transformer, layer: int, hidden_states, timestep, encoder_h
         attn.to_k.weight[i * head_dim + slow] = strength * direction
         attn.to_k.bias[i * head_dim + slow] = -strength * baseline
         attn.to_q.bias[i * head_dim + slow] = query_weight
+
+
+def planted_sink_transformer(num_layers: int = 2, sink_layer: int = 1, seed: int = 0):
+    """(transformer, hidden_states, encoder_hidden_states): a tiny Wan whose layers up to ``sink_layer``
+    attend locally (sharpness 8) and whose ``sink_layer`` also attends to a first-frame sink, with the
+    inputs the sink was planted on (a distinctive first frame, as an I2V conditioning frame is)."""
+    m = tiny_wan_transformer(num_layers=num_layers, seed=seed)
+    plant_local_attention(m, list(range(sink_layer + 1)), sharpness=8.0)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 6, 24, 24, generator=g)
+    x[:, :, 0] += 3.0
+    e = torch.randn(1, 10, 64, generator=g)
+    plant_sink_frame(m, sink_layer, x, torch.tensor([999.0]), e, frame=0)
+    return m, x, e
