@@ -287,7 +287,7 @@ class SparseAttnProcessor:
                 slot.stock._parallel_config = parallel_config  # dense layers run diffusers' own parallel attention
             sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
             slot.mask, slot.sparse_heads, slot.dense_heads = \
-                self._sparse_part(slot.layer, binding.layout, device) if sparse else (None, None, None)
+                self.layer_masks(slot.layer, binding.layout, device) if sparse else (None, None, None)
             slot.full_mask = self.mask_for(slot.layer, binding.layout, device) if sparse and ulysses else None
             slot.token_order = order
             slot.layout = binding.layout
@@ -324,14 +324,7 @@ class SparseAttnProcessor:
     def mask_for(self, layer: int, layout: VideoLayout, device) -> BlockSparseMask:
         """The layer's BlockSparseMask on ``layout`` (built once per layout and spec set, then cached;
         the masks of the least recently used layout go beyond ``MAX_CACHED_LAYOUTS``)."""
-        where = (layout, str(torch.device(device)))
-        per_layer = self._mask_cache.get(where)
-        if per_layer is None:
-            per_layer = self._mask_cache[where] = {}
-            while len(self._mask_cache) > MAX_CACHED_LAYOUTS:
-                self._mask_cache.popitem(last=False)
-        else:
-            self._mask_cache.move_to_end(where)
+        per_layer = self._layout_cache(layout, device)
         key = self._layer_keys[layer]
         mask = per_layer.get(key)
         if mask is None:
@@ -341,16 +334,28 @@ class SparseAttnProcessor:
             per_layer[key] = mask
         return mask
 
-    def _sparse_part(self, layer: int, layout: VideoLayout, device):
-        """(mask, sparse head indices, dense head indices) of a layer: the whole layer's mask when no
-        head is dense; for a mixed layer, the mask of its sparse heads and both index lists (cached)."""
+    def _layout_cache(self, layout: VideoLayout, device) -> dict:
+        """The masks cached for (layout, device), made most recent; the least recent layout goes past
+        ``MAX_CACHED_LAYOUTS``."""
+        where = (layout, str(torch.device(device)))
+        per_layer = self._mask_cache.get(where)
+        if per_layer is None:
+            per_layer = self._mask_cache[where] = {}
+            while len(self._mask_cache) > MAX_CACHED_LAYOUTS:
+                self._mask_cache.popitem(last=False)
+        else:
+            self._mask_cache.move_to_end(where)
+        return per_layer
+
+    def layer_masks(self, layer: int, layout: VideoLayout, device):
+        """What a sparse forward of ``layer`` uses: (mask, sparse head indices, dense head indices) --
+        the whole layer's mask when no head is dense; for a mixed layer, the mask of its sparse heads
+        (the dense ones run SDPA) and both index lists. Cached per layout."""
         specs = self.plan.layer_specs(layer)
         dense = [h for h, s in enumerate(specs) if s["kind"] == "dense"]
         if not dense:
             return self.mask_for(layer, layout, device), None, None
-        where = (layout, str(torch.device(device)))
-        self.mask_for(layer, layout, device)  # keeps the cache entry for this layout fresh
-        per_layer = self._mask_cache[where]
+        per_layer = self._layout_cache(layout, device)
         key = "mixed:" + self._layer_keys[layer]
         if key not in per_layer:
             sparse = [h for h in range(len(specs)) if h not in dense]

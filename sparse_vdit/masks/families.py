@@ -10,7 +10,9 @@ Distances are in tiles: ``dt``, ``dh``, ``dw`` are the absolute differences of t
 from __future__ import annotations
 
 import copy
+import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -214,9 +216,28 @@ def radial_rule(dt: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, dense_fram
 
 
 # ---------------------------------------------------------------------------- building
+_BLOCK_MATRICES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+MAX_CACHED_BLOCK_MATRICES = 32  # distinct (spec, layout) pairs kept; a plan has few distinct head specs
+
+
 def block_matrix(spec: str | Spec, layout: VideoLayout) -> torch.Tensor:
-    """Boolean block matrix ``[num_blocks, num_blocks]`` of one head's spec on ``layout``."""
+    """Boolean block matrix ``[num_blocks, num_blocks]`` of one head's spec on ``layout`` (cached per
+    spec and layout, least recently used dropped: layers of a plan share their heads' patterns).
+    The result is shared: do not modify it in place."""
     spec = normalize_spec(spec)
+    key = (json.dumps(spec, sort_keys=True), layout)
+    cached = _BLOCK_MATRICES.get(key)
+    if cached is not None:
+        _BLOCK_MATRICES.move_to_end(key)
+        return cached
+    out = _block_matrix(spec, layout)
+    _BLOCK_MATRICES[key] = out
+    while len(_BLOCK_MATRICES) > MAX_CACHED_BLOCK_MATRICES:
+        _BLOCK_MATRICES.popitem(last=False)
+    return out
+
+
+def _block_matrix(spec: Spec, layout: VideoLayout) -> torch.Tensor:
     coords = layout.tile_coords()
     d = (coords[:, None, :] - coords[None, :, :]).abs()
     video = _rule(spec, layout)(d[..., 0], d[..., 1], d[..., 2])
