@@ -19,7 +19,9 @@ _sparse_vdit_setup() {
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   # torch before anything that depends on it, so no dependency pulls a different (multi-GB) build.
   if ! python -c "import torch" >/dev/null 2>&1; then
-    pip install -q "${TORCH_SPEC:-torch==2.13.0}" || { echo "setup_env.sh: installing torch failed" >&2; return 1; }
+    # pip's notes about local index folders it skips are noise here; real errors still show.
+    pip install -q "${TORCH_SPEC:-torch==2.13.0}" 2> >(grep -v "^WARNING: Location" >&2) \
+      || { echo "setup_env.sh: installing torch failed" >&2; return 1; }
   fi
   spec="$root"
   [ -n "$extras" ] && spec="$root[$extras]"

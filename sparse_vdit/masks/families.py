@@ -220,36 +220,37 @@ _BLOCK_MATRICES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 MAX_CACHED_BLOCK_MATRICES = 32  # distinct (spec, layout) pairs kept; a plan has few distinct head specs
 
 
-def block_matrix(spec: str | Spec, layout: VideoLayout) -> torch.Tensor:
-    """Boolean block matrix ``[num_blocks, num_blocks]`` of one head's spec on ``layout`` (cached per
-    spec and layout, least recently used dropped: layers of a plan share their heads' patterns).
-    The result is shared: do not modify it in place."""
+def block_matrix(spec: str | Spec, layout: VideoLayout, device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean block matrix ``[num_blocks, num_blocks]`` of one head's spec on ``layout``, built on
+    ``device`` (default CPU) and cached per spec, layout and device (least recently used dropped:
+    layers of a plan share their heads' patterns). The result is shared: do not modify it in place."""
     spec = normalize_spec(spec)
-    key = (json.dumps(spec, sort_keys=True), layout)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    key = (json.dumps(spec, sort_keys=True), layout, str(device))
     cached = _BLOCK_MATRICES.get(key)
     if cached is not None:
         _BLOCK_MATRICES.move_to_end(key)
         return cached
-    out = _block_matrix(spec, layout)
+    out = _block_matrix(spec, layout, device)
     _BLOCK_MATRICES[key] = out
     while len(_BLOCK_MATRICES) > MAX_CACHED_BLOCK_MATRICES:
         _BLOCK_MATRICES.popitem(last=False)
     return out
 
 
-def _block_matrix(spec: Spec, layout: VideoLayout) -> torch.Tensor:
-    coords = layout.tile_coords()
+def _block_matrix(spec: Spec, layout: VideoLayout, device: torch.device) -> torch.Tensor:
+    coords = layout.tile_coords().to(device)
     d = (coords[:, None, :] - coords[None, :, :]).abs()
     video = _rule(spec, layout)(d[..., 0], d[..., 1], d[..., 2])
     nb, nv = layout.num_blocks, layout.num_video_blocks
-    out = torch.zeros(nb, nb, dtype=torch.bool)
+    out = torch.zeros(nb, nb, dtype=torch.bool, device=device)
     out[:nv, :nv] = video
     if layout.num_text_blocks:
         out[:, nv:] = True  # text keys visited by every query
         out[nv:, :] = True  # text queries attend densely
     sinks = spec.get("sinks")
     if sinks:
-        out[:, sink_blocks(sinks, layout)] = True
+        out[:, sink_blocks(sinks, layout).to(device)] = True
     return out
 
 
@@ -294,14 +295,6 @@ def build(
         specs = [spec] * (heads or 1)
     if not specs:
         raise ValueError("need at least one spec")
-    cache: dict[str, torch.Tensor] = {}
-    mats = []
-    for s in specs:
-        key = repr(normalize_spec(s))
-        if key not in cache:
-            cache[key] = block_matrix(s, layout)
-        mats.append(cache[key])
+    mats = [block_matrix(s, layout, device) for s in specs]  # built on the device, shared across calls
     blocks = torch.stack(mats).unsqueeze(0)
-    if device is not None:
-        blocks = blocks.to(device)
     return BlockSparseMask.from_dense(blocks, layout.block_size).for_token_order(layout.order_digest)
