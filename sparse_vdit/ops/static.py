@@ -161,8 +161,13 @@ def run(kernels=ALL_KERNELS, json_path: str | None = None,
                   f"tma {row['tma']:3d} ld.global {row['ld_global']:4d}", file=sys.stderr, flush=True)
     if json_path:
         pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(json_path).write_text(json.dumps({"target": "sm_90a", "note": "compiler proxies, not speed",
-                                                       "rows": rows}, indent=1))
+        import platform
+
+        import triton
+
+        meta = {"target": "sm_90a", "device": f"cpu ({platform.machine()}), compile only: no GPU ran",
+                "triton": triton.__version__, "note": "compiler proxies, not speed"}
+        pathlib.Path(json_path).write_text(json.dumps({**meta, "rows": rows}, indent=1))
     return rows
 
 
