@@ -88,6 +88,7 @@ class AnalysisAttention(AttentionStrategy):
         self.backend = backend
         self.prompt = 0
         self.records: list[LayerAnalysis] = []
+        self._fixed: dict = {}
         self.progress = None
 
     def on_forward(self, binding) -> None:
@@ -121,7 +122,10 @@ class AnalysisAttention(AttentionStrategy):
         first_text = None
         if layout.text_len:
             first_text = _token_share(q, k, layout.text_offset, key_valid).tolist()
-        fixed = build(self.fixed_mask, layout, heads=H, device=device)
+        key = (layout, str(device), H)
+        if key not in self._fixed:  # the same fixed mask for every layer and call on a layout
+            self._fixed = {key: build(self.fixed_mask, layout, heads=H, device=device)}
+        fixed = self._fixed[key]
         scale = D ** -0.5
         ref = o.float()
         ref_norm = ref.pow(2).sum(dim=(1, 3)).sqrt().clamp(min=1e-12)

@@ -152,6 +152,9 @@ class SparseAttnProcessor:
         self._mask_cache: OrderedDict[tuple, dict[str, BlockSparseMask]] = OrderedDict()
         self._layer_keys = [json.dumps(plan.layer_specs(i), sort_keys=True) for i in range(plan.num_layers)]
         self._layer_dense = [plan.layer_is_dense(i) for i in range(plan.num_layers)]
+        # Per layer, the heads the plan keeps dense (decided once, read every forward).
+        self._dense_heads = [[h for h, spec in enumerate(plan.layer_specs(i)) if spec["kind"] == "dense"]
+                             for i in range(plan.num_layers)]
 
     # ------------------------------------------------------------------ binding to a transformer
     def bind(self, transformer, scheduler=None) -> Binding:
@@ -351,13 +354,13 @@ class SparseAttnProcessor:
         """What a sparse forward of ``layer`` uses: (mask, sparse head indices, dense head indices) --
         the whole layer's mask when no head is dense; for a mixed layer, the mask of its sparse heads
         (the dense ones run SDPA) and both index lists. Cached per layout."""
-        specs = self.plan.layer_specs(layer)
-        dense = [h for h, s in enumerate(specs) if s["kind"] == "dense"]
+        dense = self._dense_heads[layer]
         if not dense:
             return self.mask_for(layer, layout, device), None, None
         per_layer = self._layout_cache(layout, device)
         key = "mixed:" + self._layer_keys[layer]
         if key not in per_layer:
+            specs = self.plan.layer_specs(layer)
             sparse = [h for h in range(len(specs)) if h not in dense]
             mask = build([specs[h] for h in sparse], layout, device=device)
             per_layer[key] = (mask, torch.tensor(sparse, device=device), torch.tensor(dense, device=device))

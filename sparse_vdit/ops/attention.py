@@ -120,9 +120,9 @@ def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, 
     from .mask import blocks_to_indices
 
     B, H, N, D = q.shape
-    Mk = int(kv_indices.max()) + 1 if kv_indices.numel() else 1
     step = q_block * kv_block // math.gcd(q_block, kv_block)
-    length = max(num_q_blocks * q_block, Mk * kv_block, token_order.numel() if token_order is not None else N)
+    # Rounded up to whole query and key blocks, this covers every key block the mask can list.
+    length = max(num_q_blocks * q_block, token_order.numel() if token_order is not None else N)
     order, kv_order = _tiled_orders(q, token_order, kv_token_order, length, step)
     Lt = order.numel()
     q_ok, kv_ok = order >= 0, kv_order >= 0
