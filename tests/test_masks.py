@@ -11,12 +11,16 @@ from sparse_vdit.masks import VideoLayout, block_matrix, build, normalize_spec
 from sparse_vdit.ops import block_sparse_attention
 
 TILES = [(1, 4, 4), (2, 2, 4), (1, 2, 8), (2, 4, 2), (4, 2, 2), (1, 8, 8), (2, 4, 8)]
+# Tiles of several kernel blocks (block=16), 0 = the whole axis; with either axis order.
+MULTI_BLOCK_TILES = [(2, 3, 4), (0, 0, 0), (1, 0, 0), (3, 4, 4), (2, 8, 8), (0, 2, 2)]
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
 def layouts(draw, max_tokens=600):
-    tile = draw(st.sampled_from(TILES))
+    multi = draw(st.booleans())
+    tile = draw(st.sampled_from(MULTI_BLOCK_TILES if multi else TILES))
+    extra = {"block": 16, "order": draw(st.sampled_from(["fhw", "hwf"]))} if multi else {}
     f = draw(st.integers(1, 6))
     h = draw(st.integers(1, 12))
     w = draw(st.integers(1, 12))
@@ -25,7 +29,7 @@ def layouts(draw, max_tokens=600):
         h = max(1, h - 1)
     text = draw(st.sampled_from([0, 0, 5, 17, 40]))
     pos = draw(st.sampled_from(["before", "after"]))
-    return VideoLayout(f, h, w, tile, text_len=text, text_position=pos)
+    return VideoLayout(f, h, w, tile, text_len=text, text_position=pos, **extra)
 
 
 SPECS = [
@@ -51,7 +55,8 @@ def token_coords(layout):
         if 0 <= j < layout.num_video_tokens:
             f, rem = divmod(j, layout.height * layout.width)
             h, w = divmod(rem, layout.width)
-            rows.append((True, f, h, w, f // layout.tile[0], h // layout.tile[1], w // layout.tile[2]))
+            t = layout.tile_shape
+            rows.append((True, f, h, w, f // t[0], h // t[1], w // t[2]))
         else:
             rows.append((False, -1, -1, -1, -1, -1, -1))
     return rows
@@ -159,7 +164,8 @@ def test_block_mask_equals_block_reduction_of_token_definition(layout, spec):
         return  # the sink token range [3, 5) needs 5 tokens (its error is tested elsewhere)
     got = block_matrix(spec, layout)
     want = block_reduce(brute_force_token_mask(spec, layout), layout)
-    # Padding-only blocks do not exist: every block holds a token, so the two must agree exactly.
+    # Blocks of padding only (partly filled multi-block tiles) are neither visited nor filled, so the
+    # two must agree exactly.
     assert torch.equal(got, want)
 
 
@@ -170,14 +176,16 @@ def test_structural_invariants(layout, spec):
         return  # the sink token range [3, 5) needs 5 tokens (its error is tested elsewhere)
     m = block_matrix(spec, layout)
     nv = layout.num_video_blocks
-    assert m.diagonal().all(), "every query tile visits itself"
+    real = layout.block_has_tokens()
+    assert torch.equal(m.diagonal(), real), "every query block visits itself; padding-only blocks nothing"
+    assert not m[~real].any() and not m[:, ~real].any()
     assert torch.equal(m, m.T) or normalize_spec(spec).get("sinks"), "window masks are symmetric"
     if layout.text_len:
-        assert m[:, nv:].all() and m[nv:, :].all(), "text rows and columns dense"
+        assert m[real][:, nv:].all() and m[nv:, :][:, real].all(), "text rows and columns dense"
     sinks = normalize_spec(spec).get("sinks")
     if sinks:
         cols = sv.masks.sink_blocks(sinks, layout)
-        assert m[:, cols].all(), "sinks present in every row"
+        assert m[real][:, cols].all(), "sinks present in every row"
 
 
 @pytest.mark.parametrize("kind,param,values", [
@@ -244,12 +252,25 @@ def test_per_head_specs_in_one_mask():
     assert "#" in mask.to_string(max_blocks=8)
 
 
+PEER_LAYOUTS = {
+    "tile": (VideoLayout(3, 6, 10, (1, 4, 4), text_len=7, text_position="before"),
+             [{"kind": "sliding_tile", "window": [1, 3, 1]}, "temporal"]),
+    "sta-tiles": (VideoLayout(4, 6, 10, (2, 4, 4), block=16, text_len=7),
+                  [{"kind": "sta", "window": [1, 1, 3], "tile": [2, 4, 4]}, "temporal"]),
+    "raster": (VideoLayout(5, 4, 7, (0, 0, 0), block=16, text_len=3, text_position="before"),
+               [{"kind": "radial_attn", "block": 16}, {"kind": "svd_multi_diagonal", "width": 2, "block": 16}]),
+    "position-major": (VideoLayout(5, 4, 7, (0, 0, 0), block=16, order="hwf"),
+                       [{"kind": "svg_temporal", "block": 16, "width_frames": 0.6}, "dense"]),
+}
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_attention_through_layout_equals_restricted_dense(backend):
+@pytest.mark.parametrize("which", list(PEER_LAYOUTS))
+def test_attention_through_layout_equals_restricted_dense(backend, which):
     """Kernel reading through the layout's permutation == float64 dense attention over exactly the
-    token pairs whose tiles the mask visits (padding never attended)."""
-    layout = VideoLayout(3, 6, 10, (1, 4, 4), text_len=7, text_position="before")
-    specs = [{"kind": "sliding_tile", "window": [1, 3, 1]}, "temporal"]
+    token pairs whose blocks the mask visits (padding never attended); for tile, multi-block-tile,
+    raster and position-major layouts."""
+    layout, specs = PEER_LAYOUTS[which]
     mask = build(specs, layout)
     B, H, N, D = 2, 2, layout.seq_len, 32
     q, k, v = (torch.randn(B, H, N, D) for _ in range(3))

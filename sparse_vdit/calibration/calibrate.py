@@ -256,6 +256,8 @@ def calibrate(
     ladders: bool = False,
     error_budget: float = 0.05,
     tile: tuple[int, int, int] = (1, 8, 8),
+    block: int | None = None,
+    order: str = "fhw",
     sample_steps: Sequence[float] | None = None,
     sink_factor: float = 4.0,
     backend: str | None = None,
@@ -277,6 +279,8 @@ def calibrate(
             parameters (``sparse_vdit.masks.ladder``), so each head gets the cheapest rung within
             budget across all families; costs one measurement per rung.
         error_budget: largest allowed relative error ||O_mask - O_dense|| / ||O_dense|| per head.
+        tile, block, order: the token layout the plan's masks are built on (``VideoLayout``); e.g.
+            ``tile=(6, 8, 8), block=64`` for STA's tiles, ``tile=(0, 0, 0), block=64`` for raster order.
         sample_steps: fractions of the schedule at which to measure (default 7 points).
         checkpoint: a JSON file for partial measurements; an existing one resumes the run.
         global_budget: optional bound on the end-to-end relative output error, checked on a held-out
@@ -324,7 +328,7 @@ def calibrate(
     else:
         num_prompts = int(pipe_kwargs.pop("num_prompts", 1))
     steps = sample_step_indices(num_inference_steps, sample_steps)
-    base = dense_plan(transformer, tile=tile)
+    base = dense_plan(transformer, tile=tile, block=block, order=order)
     done: dict[str, Any] = {"records": [], "prompts_done": 0}
     ckpt = pathlib.Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
@@ -370,7 +374,7 @@ def calibrate(
             "expected_attention_cost": d["expected_attention_cost"],
             "per_head": d["per_head"], "records": done["records"],
         }
-        return SparsityPlan(heads=d["heads"], tile=tile, dense_steps=d["dense_steps"], dense_layers=d["dense_layers"],
+        return SparsityPlan(heads=d["heads"], **base.layout_options(), dense_steps=d["dense_steps"], dense_layers=d["dense_layers"],
                             model=model_fingerprint(transformer), metrics=metrics)
 
     plan = make_plan(error_budget)
@@ -414,7 +418,7 @@ def _fit_global_budget(target, transformer, run, held_out, plan, make_plan, erro
         budget *= shrink
         plan = make_plan(budget)
     else:
-        plan = dense_plan(transformer, tile=plan.tile)  # nothing sparse fits: stay dense
+        plan = dense_plan(transformer, **plan.layout_options())  # nothing sparse fits: stay dense
         plan.metrics["records"] = []
     plan.metrics["global_budget"] = {"budget": global_budget, "held_out_prompt": held_out, "history": history}
     return plan

@@ -11,17 +11,17 @@ from .processor import AttentionStrategy, SparseAttnProcessor
 TRANSFORMER_NAMES = ("transformer", "transformer_2")
 
 
-def dense_plan(model, tile=(1, 8, 8)) -> SparsityPlan:
+def dense_plan(model, tile=(1, 8, 8), block: int | None = None, order: str = "fhw") -> SparsityPlan:
     """Every head of ``model`` dense: with it the model computes exactly what the stock processors compute."""
-    return SparsityPlan.dense(attention_shape(model), tile=tile, model=model_fingerprint(model))
+    return SparsityPlan.dense(attention_shape(model), tile=tile, model=model_fingerprint(model), block=block, order=order)
 
 
 def uniform_plan(model, spec: str | dict, dense_steps: int | float = 0, dense_layers: Sequence[int] = (),
-                 tile=(1, 8, 8)) -> SparsityPlan:
+                 tile=(1, 8, 8), block: int | None = None, order: str = "fhw") -> SparsityPlan:
     """The same mask spec on every head of every sparse-eligible layer of ``model``, except
     ``dense_layers``; the first ``dense_steps`` denoising steps (a count, or a fraction) run dense."""
     return SparsityPlan.uniform(attention_shape(model), spec, dense_steps=dense_steps, dense_layers=dense_layers,
-                                tile=tile, model=model_fingerprint(model))
+                                tile=tile, model=model_fingerprint(model), block=block, order=order)
 
 
 def _transformers(pipe_or_transformer, plan):

@@ -266,7 +266,7 @@ class SparseAttnProcessor:
     def _on_forward(self, binding: Binding, model, args, kwargs):
         frames, height, width = binding.adapter.latent_grid(model, args, kwargs)
         text_len = binding.adapter.text_len(model, args, kwargs)
-        layout = VideoLayout(frames, height, width, self.plan.tile, text_len=text_len,
+        layout = VideoLayout(frames, height, width, **self.plan.layout_options(), text_len=text_len,
                              text_position=binding.adapter.text_position)
         if binding.layout != layout:
             binding.layout = layout

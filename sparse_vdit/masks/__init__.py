@@ -1,6 +1,8 @@
-"""Video token layout and the spatiotemporal mask families (a registry), defined on tiles."""
+"""Video token layout and the spatiotemporal mask families (a registry): our own on tiles, the peers' on
+their own token partitions (``peers``)."""
+from . import peers
 from .families import (DEFAULTS, FAMILIES, KINDS, MaskFamily, block_matrix, build, ladder, normalize_spec, radial_rule,
-                       register_family, sink_blocks, spec_name)
+                       register_family, sink_blocks, spec_name, video_blocks)
 from .layout import VideoLayout, check_tile
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "register_family",
     "sink_blocks",
     "spec_name",
+    "video_blocks",
+    "peers",
 ]

@@ -5,7 +5,10 @@ spec may carry ``"sinks": {"frames": [...], "tokens": [[start, end], ...]}``: ke
 those latent frames / model token ranges are visited by every query. Text tokens (when the layout
 has them) are always handled the same way: text keys visited by every query, text queries dense.
 
-Distances are in tiles: ``dt``, ``dh``, ``dw`` are the absolute differences of tile coordinates.
+Our own families are rules on tile distances: ``dt``, ``dh``, ``dw`` are the absolute differences
+of tile coordinates. The peer families (``sta``, ``radial_attn``, ``svg_spatial``, ``svg_temporal``,
+``svd_*``) are the peers' own masks on their own token partitions (``peers.py``), projected onto the
+layout; they reach the peer's density on ``peers.aligned_layout``.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..ops import BlockSparseMask
-from .layout import VideoLayout
+from . import peers
+from .layout import VideoLayout, check_block
 
 Spec = dict[str, Any]
 # rule(dt, dh, dw) -> bool "visit", on tile-distance tensors
@@ -41,17 +45,19 @@ class MaskFamily:
     defaults: its parameters and their default values (the spec keys besides "kind" and "sinks").
     check: validates (and may normalize) a spec with defaults filled; raises ValueError.
     label: the short human-readable name of a spec, without "+sinks".
-    rule: ``rule(spec, layout) -> Rule`` on tile-coordinate distances.
+    rule: ``rule(spec, layout) -> Rule`` on tile-coordinate distances (our own families).
     ladder: parameter sets for calibration's search, sparsest first (each a partial spec).
+    peer: ``peer(spec, layout) -> peers.PeerMask``, the peer's own mask (peer families, instead of ``rule``).
     """
 
     kind: str
     defaults: dict[str, Any]
     check: Callable[[Spec], None]
     label: Callable[[Spec], str]
-    rule: Callable[[Spec, VideoLayout], Rule]
+    rule: Callable[[Spec, VideoLayout], Rule] | None = None
     ladder: tuple[dict[str, Any], ...] = ()
     doc: str = ""
+    peer: Callable[[Spec, VideoLayout], "peers.PeerMask"] | None = None
 
 
 FAMILIES: dict[str, MaskFamily] = {}
@@ -97,16 +103,53 @@ def _check_union(spec: Spec) -> None:
     spec["of"] = [normalize_spec(s) for s in spec["of"]]
 
 
-def _union_rule(spec: Spec, layout: VideoLayout) -> Rule:
-    rules = [_rule(s, layout) for s in spec["of"]]
+def _ints(kind: str, name: str, value, length: int, minimum: int) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value] * length
+    if not (isinstance(value, (list, tuple)) and len(value) == length
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= minimum for x in value)):
+        raise ValueError(f"{kind} {name} must be {length} ints >= {minimum}, got {value!r}")
+    return list(value)
 
-    def union(dt, dh, dw):
-        out = rules[0](dt, dh, dw)
-        for r in rules[1:]:
-            out = out | r(dt, dh, dw)
-        return out
 
-    return union
+def _check_sta(spec: Spec) -> None:
+    spec["window"] = _ints("sta", "window (t, h, w in tiles)", spec["window"], 3, 1)
+    spec["tile"] = _ints("sta", "tile (t, h, w in tokens)", spec["tile"], 3, 1)
+
+
+def _positive(kind: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{kind} {name} must be a number > 0, got {value!r}")
+
+
+def _peer_block(kind: str, spec: Spec) -> None:
+    try:
+        check_block(spec["block"])
+    except ValueError as e:
+        raise ValueError(f"{kind} {e}") from None
+
+
+def _check_radial_attn(spec: Spec) -> None:
+    if spec["variant"] not in ("wan", "hunyuan"):
+        raise ValueError(f"radial_attn variant must be 'wan' or 'hunyuan' (the peer's two rules for "
+                         f"neighbouring frames), got {spec['variant']!r}")
+    _positive("radial_attn", "decay_factor", spec["decay_factor"])
+    _peer_block("radial_attn", spec)
+
+
+def _check_svg(kind: str):
+    def check(spec: Spec) -> None:
+        _positive(kind, "width_frames", spec["width_frames"])
+        _peer_block(kind, spec)
+    return check
+
+
+def _check_svd(kind: str, keys: tuple[str, ...]):
+    def check(spec: Spec) -> None:
+        for k in keys:
+            _nonneg_int(kind, k, spec[k])
+        _peer_block(kind, spec)
+    return check
 
 
 register_family(MaskFamily(
@@ -140,7 +183,46 @@ register_family(MaskFamily(
     doc="Sparse VideoGen's temporal head: |dh|, |dw| <= radius, all frames"))
 register_family(MaskFamily(
     "union", {"of": []}, check=_check_union, label=lambda s: "|".join(spec_name(x) for x in s["of"]),
-    rule=_union_rule, doc="key blocks any of the specs 'of' visits"))
+    doc="key blocks any of the specs 'of' visits"))
+# ---- the peers' own masks (peers.py); the ladders scale each one's reach
+register_family(MaskFamily(
+    "sta", {"window": [3, 3, 3], "tile": [6, 8, 8]}, check=_check_sta,
+    label=lambda s: f"sta({','.join(map(str, s['window']))})", peer=lambda s, lay: peers.sta(s, lay),
+    ladder=({"window": [1, 3, 3]}, {"window": [3, 3, 3]}, {"window": [3, 5, 5]}, {"window": [5, 5, 5]}),
+    doc="Sliding Tile Attention as FastVideo builds it: window in (6, 8, 8)-token tiles, its centre "
+        "clamped inside the tile grid; exact on tile=(6, 8, 8), block=64"))
+register_family(MaskFamily(
+    "radial_attn", {"variant": "wan", "decay_factor": 1.0, "block": 128}, check=_check_radial_attn,
+    label=lambda s: f"radial_attn({s['variant']},{s['decay_factor']:g})", peer=lambda s, lay: peers.radial(s, lay),
+    ladder=({"decay_factor": 0.5}, {"decay_factor": 1.0}, {"decay_factor": 2.0}),
+    doc="Radial Attention as mit-han-lab builds it: frame-0 sink, in-frame raster band halving as the "
+        "frame distance doubles (floor 128 tokens), parity thinning; exact on raster order"))
+register_family(MaskFamily(
+    "svg_spatial", {"width_frames": 1.5, "block": 128}, check=_check_svg("svg_spatial"),
+    label=lambda s: f"svg_spatial({s['width_frames']:g})", peer=lambda s, lay: peers.svg_spatial(s, lay),
+    ladder=({"width_frames": 0.5}, {"width_frames": 1.0}, {"width_frames": 1.5}, {"width_frames": 2.5}),
+    doc="Sparse VideoGen's spatial head: a band of width_frames frames of raster 128-token blocks"))
+register_family(MaskFamily(
+    "svg_temporal", {"width_frames": 1.5, "block": 128}, check=_check_svg("svg_temporal"),
+    label=lambda s: f"svg_temporal({s['width_frames']:g})", peer=lambda s, lay: peers.svg_temporal(s, lay),
+    ladder=({"width_frames": 0.5}, {"width_frames": 1.0}, {"width_frames": 1.5}, {"width_frames": 2.5}),
+    doc="Sparse VideoGen's temporal head: the same band on the position-major sequence; exact on "
+        "order='hwf'"))
+register_family(MaskFamily(
+    "svd_diagonal", {"width": 256, "block": 64}, check=_check_svd("svd_diagonal", ("width",)),
+    label=lambda s: f"svd_diagonal({s['width']})", peer=lambda s, lay: peers.svd_diagonal(s, lay),
+    ladder=({"width": 64}, {"width": 256}, {"width": 1024}),
+    doc="Sparse-vDiT's diagonal pattern: raster tokens within width of each other"))
+register_family(MaskFamily(
+    "svd_multi_diagonal", {"width": 64, "block": 64}, check=_check_svd("svd_multi_diagonal", ("width",)),
+    label=lambda s: f"svd_multi_diagonal({s['width']})", peer=lambda s, lay: peers.svd_multi_diagonal(s, lay),
+    ladder=({"width": 32}, {"width": 64}, {"width": 256}),
+    doc="Sparse-vDiT's multi-diagonal pattern: the same position, within width raster tokens, in every frame"))
+register_family(MaskFamily(
+    "svd_stripe", {"frames": 1, "width": 64, "block": 64}, check=_check_svd("svd_stripe", ("frames", "width")),
+    label=lambda s: f"svd_stripe(f={s['frames']},{s['width']})", peer=lambda s, lay: peers.svd_stripe(s, lay),
+    ladder=({"frames": 1, "width": 64}, {"frames": 1, "width": 256}),
+    doc="Sparse-vDiT's vertical-stripe pattern: keys of the first frames, plus a width-token diagonal"))
 
 # Views of the registry, kept for callers that read them.
 DEFAULTS: dict[str, dict[str, Any]] = {k: f.defaults for k, f in FAMILIES.items()}
@@ -191,8 +273,21 @@ def ladder(kind: str) -> list[Spec]:
     return [normalize_spec({"kind": kind, **r}) for r in rungs]
 
 
-def _rule(spec: Spec, layout: VideoLayout) -> Rule:
-    return FAMILIES[spec["kind"]].rule(spec, layout)
+def video_blocks(spec: str | Spec, layout: VideoLayout, device: torch.device | str | None = None) -> torch.Tensor:
+    """bool ``[num_video_blocks, num_video_blocks]``: the spec's video-to-video blocks (no text, no sinks)."""
+    spec = normalize_spec(spec)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    family = FAMILIES[spec["kind"]]
+    if spec["kind"] == "union":
+        out = video_blocks(spec["of"][0], layout, device)
+        for s in spec["of"][1:]:
+            out = out | video_blocks(s, layout, device)
+        return out
+    if family.peer is not None:
+        return peers.project(family.peer(spec, layout), layout, device)
+    coords = layout.tile_coords().to(device)
+    d = (coords[:, None, :] - coords[None, :, :]).abs()
+    return family.rule(spec, layout)(d[..., 0], d[..., 1], d[..., 2])
 
 
 def radial_rule(dt: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, dense_frames: int, radius0: int) -> torch.Tensor:
@@ -239,9 +334,7 @@ def block_matrix(spec: str | Spec, layout: VideoLayout, device: torch.device | s
 
 
 def _block_matrix(spec: Spec, layout: VideoLayout, device: torch.device) -> torch.Tensor:
-    coords = layout.tile_coords().to(device)
-    d = (coords[:, None, :] - coords[None, :, :]).abs()
-    video = _rule(spec, layout)(d[..., 0], d[..., 1], d[..., 2])
+    video = video_blocks(spec, layout, device)
     nb, nv = layout.num_blocks, layout.num_video_blocks
     out = torch.zeros(nb, nb, dtype=torch.bool, device=device)
     out[:nv, :nv] = video
@@ -251,6 +344,10 @@ def _block_matrix(spec: Spec, layout: VideoLayout, device: torch.device) -> torc
     sinks = spec.get("sinks")
     if sinks:
         out[:, sink_blocks(sinks, layout).to(device)] = True
+    if layout.blocks_per_tile > 1:
+        empty = ~layout.block_has_tokens().to(device)
+        out[empty, :] = False
+        out[:, empty] = False
     return out
 
 
@@ -272,6 +369,7 @@ def sink_blocks(sinks: Spec, layout: VideoLayout) -> torch.Tensor:
             if b > layout.seq_len:
                 raise ValueError(f"sink token range [{a}, {b}) outside the sequence of {layout.seq_len} tokens")
             keep[block_of[a:b]] = True
+    keep &= layout.block_has_tokens()
     return keep.nonzero().squeeze(1)
 
 

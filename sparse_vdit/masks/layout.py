@@ -19,17 +19,38 @@ def _check_positive_ints(name, values, length):
             raise ValueError(f"{name} must be a sequence of {length} positive ints, got {values!r}")
 
 
-def check_tile(tile) -> tuple[int, int, int]:
-    """``tile`` as a tuple of 3 positive ints whose product (the kernel block size) is a power of two
-    >= 16; raises ValueError naming the value and what is valid."""
-    if not isinstance(tile, (tuple, list)):
-        raise ValueError(f"tile must be a sequence of 3 positive ints (t, h, w), got {tile!r}")
-    _check_positive_ints("tile", list(tile), 3)
-    vol = tile[0] * tile[1] * tile[2]
-    if vol < 16 or vol & (vol - 1):
-        raise ValueError(f"tile volume must be a power of two >= 16 (e.g. (1, 8, 8) = 64, (1, 4, 4) = 16, "
-                         f"(2, 8, 8) = 128), got tile {tuple(tile)} = {vol}")
+ORDERS = ("fhw", "hwf")
+
+
+def check_tile(tile, block: int | None = None) -> tuple[int, int, int]:
+    """``tile`` as a tuple of 3 ints >= 0 (0: the whole axis); raises ValueError naming the value and
+    what is valid. Without ``block`` the tile is one kernel block, so its volume must be a power of
+    two >= 16; with ``block`` a tile may hold any number of tokens (it is padded to whole blocks)."""
+    if not isinstance(tile, (tuple, list)) or len(tile) != 3 or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in tile):
+        raise ValueError(f"tile must be a sequence of 3 ints >= 0 (t, h, w; 0 = the whole axis), got {tile!r}")
+    if block is None:
+        vol = tile[0] * tile[1] * tile[2]
+        if 0 in tile or vol < 16 or vol & (vol - 1):
+            raise ValueError(f"tile volume must be a power of two >= 16 (e.g. (1, 8, 8) = 64, (1, 4, 4) = 16, "
+                             f"(2, 8, 8) = 128), got tile {tuple(tile)}; give a kernel block size (block=64) "
+                             f"for tiles of other sizes (e.g. STA's (6, 8, 8) or (0, 0, 0) for raster order)")
+    else:
+        check_block(block)
     return tuple(tile)
+
+
+def check_block(block) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ValueError(f"block (kernel block size) must be a power of two >= 16 (e.g. 64 or 128), got {block!r}")
+    return block
+
+
+def check_order(order) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS} (axes from slowest to fastest: frame-major raster "
+                         f"'fhw', or position-major 'hwf' as Sparse VideoGen's temporal heads), got {order!r}")
+    return order
 
 
 @dataclass(frozen=True)
@@ -39,15 +60,20 @@ class VideoLayout:
     Args:
         frames, height, width: latent grid in tokens. Any sizes: tiles at the far edges that the grid
             does not fill are padded to whole blocks; padding positions are never attended.
-        tile: (t, h, w) tile shape; its volume is the kernel block size (a power of two >= 16:
-            e.g. (1, 8, 8) or (2, 4, 8) for 64, (2, 8, 8) for 128).
+        tile: (t, h, w) tile shape; 0 stands for the whole axis, so (0, 0, 0) is plain raster order.
+            Without ``block`` a tile is one kernel block and its volume must be a power of two >= 16
+            (e.g. (1, 8, 8) or (2, 4, 8) for 64, (2, 8, 8) for 128).
         text_len: number of text tokens in the same self-attention sequence (0 for Wan, which has
             cross-attention only).
         text_position: "before" (CogVideoX) or "after" (HunyuanVideo, Mochi) the video tokens.
+        block: kernel block size (a power of two >= 16); a tile then spans as many blocks as it needs
+            (STA's 384-token (6, 8, 8) tiles are 6 blocks of 64), its last one padded.
+        order: axis order, slowest first, of the tiles and of the tokens inside a tile: "fhw"
+            (frame-major) or "hwf" (position-major: each position's frames are neighbours).
 
     Model token order: video tokens raster (frame, row, column), text before or after them.
-    Tiled order: the tiles in raster order of tile coordinates, each tile's tokens in raster order,
-    every tile padded to ``block_size`` positions, then the text tokens padded to whole blocks.
+    Tiled order: the tiles in raster order of tile coordinates (axes in ``order``), each tile's tokens
+    in raster order, every tile padded to whole blocks, then the text tokens padded to whole blocks.
     """
 
     frames: int
@@ -56,11 +82,14 @@ class VideoLayout:
     tile: tuple[int, int, int] = (1, 8, 8)
     text_len: int = 0
     text_position: str = "after"
+    block: int | None = None
+    order: str = "fhw"
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self):
         _check_positive_ints("(frames, height, width)", [self.frames, self.height, self.width], 3)
-        object.__setattr__(self, "tile", check_tile(self.tile))
+        object.__setattr__(self, "tile", check_tile(self.tile, self.block))
+        check_order(self.order)
         if not isinstance(self.text_len, int) or self.text_len < 0:
             raise ValueError(f"text_len must be an int >= 0, got {self.text_len!r}")
         if self.text_position not in TEXT_POSITIONS:
@@ -68,13 +97,25 @@ class VideoLayout:
 
     # ------------------------------------------------------------------ sizes
     @property
+    def tile_shape(self) -> tuple[int, int, int]:
+        """The tile in tokens, a 0 (whole axis) replaced by that axis' size."""
+        return tuple(t if t else n for n, t in zip((self.frames, self.height, self.width), self.tile))
+
+    @property
     def block_size(self) -> int:
+        if self.block is not None:
+            return self.block
         return self.tile[0] * self.tile[1] * self.tile[2]
+
+    @property
+    def blocks_per_tile(self) -> int:
+        tt, th, tw = self.tile_shape
+        return -(-(tt * th * tw) // self.block_size)
 
     @property
     def tile_grid(self) -> tuple[int, int, int]:
         """Number of tiles along (frames, height, width)."""
-        return tuple(-(-n // t) for n, t in zip((self.frames, self.height, self.width), self.tile))
+        return tuple(-(-n // t) for n, t in zip((self.frames, self.height, self.width), self.tile_shape))
 
     @property
     def num_video_tokens(self) -> int:
@@ -88,7 +129,7 @@ class VideoLayout:
     @property
     def num_video_blocks(self) -> int:
         gt, gh, gw = self.tile_grid
-        return gt * gh * gw
+        return gt * gh * gw * self.blocks_per_tile
 
     @property
     def num_text_blocks(self) -> int:
@@ -119,17 +160,36 @@ class VideoLayout:
         return 0 if self.text_position == "before" else self.num_video_tokens
 
     # ------------------------------------------------------------------ permutation
+    def _axis_perm(self) -> tuple[int, int, int]:
+        """Indices into (f, h, w) from the slowest axis to the fastest."""
+        return tuple("fhw".index(a) for a in self.order)
+
+    def _tile_of_block(self) -> torch.Tensor:
+        """int64 ``[num_video_blocks, 3]``: (t, h, w) tile coordinates of each video block."""
+        grid = self.tile_grid
+        a, b, c = self._axis_perm()
+        i = torch.arange(self.num_video_blocks) // self.blocks_per_tile
+        coords = [None, None, None]
+        coords[a] = i // (grid[b] * grid[c])
+        coords[b] = (i // grid[c]) % grid[b]
+        coords[c] = i % grid[c]
+        return torch.stack(coords, dim=1)
+
     @cached_property
     def _token_order_cpu(self) -> torch.Tensor:
-        gt, gh, gw = self.tile_grid
-        tt, th, tw = self.tile
-        # Position p of the video part, decomposed as (tile t/h/w index, in-tile t/h/w offset).
+        tile = self.tile_shape
+        a, b, c = self._axis_perm()
+        per_tile = self.blocks_per_tile * self.block_size
+        # Position p of the video part, decomposed as (tile, in-tile offset); both in ``order``'s axes.
         p = torch.arange(self.num_video_blocks * self.block_size)
-        tile_id, off = p // self.block_size, p % self.block_size
-        it, ih, iw = tile_id // (gh * gw), (tile_id // gw) % gh, tile_id % gw
-        ot, oh, ow = off // (th * tw), (off // tw) % th, off % tw
-        f, h, w = it * tt + ot, ih * th + oh, iw * tw + ow
-        inside = (f < self.frames) & (h < self.height) & (w < self.width)
+        tiles = self._tile_of_block().repeat_interleave(self.block_size, dim=0)
+        off = p % per_tile
+        offs = [None, None, None]
+        offs[a] = off // (tile[b] * tile[c])
+        offs[b] = (off // tile[c]) % tile[b]
+        offs[c] = off % tile[c]
+        f, h, w = (tiles[:, i] * tile[i] + offs[i] for i in range(3))
+        inside = (f < self.frames) & (h < self.height) & (w < self.width) & (off < tile[0] * tile[1] * tile[2])
         video = torch.where(inside, self.video_offset + (f * self.height + h) * self.width + w, -1)
         text = torch.full((self.num_text_blocks * self.block_size,), -1, dtype=torch.long)
         text[: self.text_len] = self.text_offset + torch.arange(self.text_len)
@@ -175,15 +235,35 @@ class VideoLayout:
 
     # ------------------------------------------------------------------ coordinates
     def tile_coords(self) -> torch.Tensor:
-        """int64 ``[num_video_blocks, 3]``: (t, h, w) tile coordinates of each video block."""
-        gt, gh, gw = self.tile_grid
-        i = torch.arange(self.num_video_blocks)
-        return torch.stack([i // (gh * gw), (i // gw) % gh, i % gw], dim=1)
+        """int64 ``[num_video_blocks, 3]``: (t, h, w) tile coordinates of each video block (the blocks
+        of one tile share them)."""
+        return self._tile_of_block()
 
     def frame_range_of_blocks(self) -> torch.Tensor:
-        """int64 ``[num_video_blocks, 2]``: first and last latent frame (inclusive) in each video block."""
-        t0 = self.tile_coords()[:, 0] * self.tile[0]
-        return torch.stack([t0, (t0 + self.tile[0] - 1).clamp(max=self.frames - 1)], dim=1)
+        """int64 ``[num_video_blocks, 2]``: first and last latent frame (inclusive) of the tokens in each
+        video block (a block of padding only gets its tile's first frame twice)."""
+        order = self._token_order_cpu[: self.num_video_blocks * self.block_size].long()
+        frame = torch.div(order - self.video_offset, self.height * self.width, rounding_mode="floor")
+        frame = frame.view(self.num_video_blocks, self.block_size)
+        real = order.view_as(frame) >= 0
+        big = self.frames
+        first = torch.where(real, frame, torch.full_like(frame, big)).min(1).values
+        last = torch.where(real, frame, torch.full_like(frame, -1)).max(1).values
+        t0 = self.tile_coords()[:, 0] * self.tile_shape[0]
+        empty = ~real.any(1)
+        first = torch.where(empty, t0.clamp(max=self.frames - 1), first)
+        last = torch.where(empty, first, last)
+        return torch.stack([first, last], dim=1)
+
+    def block_has_tokens(self) -> torch.Tensor:
+        """bool ``[num_blocks]``: False for the blocks of a partly filled tile that hold padding only
+        (masks neither visit nor fill them)."""
+        return (self._token_order_cpu.view(self.num_blocks, self.block_size) >= 0).any(1)
+
+    def video_token_blocks(self) -> torch.Tensor:
+        """int64 ``[num_video_tokens]``: the kernel block of each video token, tokens in raster
+        (frame, row, column) order."""
+        return self.block_of_token()[self.video_offset: self.video_offset + self.num_video_tokens]
 
     def block_of_token(self) -> torch.Tensor:
         """int64 ``[seq_len]``: kernel block of each model token."""
@@ -192,8 +272,9 @@ class VideoLayout:
     def describe(self) -> str:
         gt, gh, gw = self.tile_grid
         text = f", text {self.text_len} {self.text_position} ({self.num_text_blocks} blocks)" if self.text_len else ""
+        order = "" if self.order == "fhw" else f", {self.order} order"
         return (
-            f"grid {self.frames}x{self.height}x{self.width} tokens, tile {'x'.join(map(str, self.tile))} "
+            f"grid {self.frames}x{self.height}x{self.width} tokens, tile {'x'.join(map(str, self.tile_shape))}{order} "
             f"-> {gt}x{gh}x{gw} tiles = {self.num_video_blocks} blocks of {self.block_size}{text}; "
             f"padding overhead {100 * self.padding_overhead:.1f}%"
         )

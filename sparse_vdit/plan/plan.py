@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..masks import normalize_spec, spec_name
-from ..masks.layout import check_tile
+from ..masks.layout import check_block, check_order, check_tile
 
 PLAN_VERSION = 1
 DENSE = {"kind": "dense"}
@@ -49,11 +49,14 @@ class SparsityPlan:
     """Which mask each (attention layer, head) uses, and when attention stays dense.
 
     heads: ``heads[layer][head]`` is a mask spec dict (``{"kind": "dense"}`` when dense).
-    tile: (t, h, w) tile shape of the video layout; its volume is the kernel block size.
+    tile: (t, h, w) tile shape of the video layout (0: the whole axis); without ``block`` its volume
+        is the kernel block size.
     dense_steps: the first denoising steps run dense: a count (int) or a fraction (float in [0, 1)).
     dense_layers: layers that always run dense (negative indices count from the end).
     model: the fingerprint of the model the plan was made for.
     metrics: free room for calibration measurements.
+    block: the kernel block size when a tile spans several blocks (None: the tile volume).
+    order: the layout's axis order, "fhw" (frame-major) or "hwf" (position-major).
     """
 
     heads: list[list[dict[str, Any]]]
@@ -63,6 +66,8 @@ class SparsityPlan:
     model: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    block: int | None = None
+    order: str = "fhw"
 
     def __post_init__(self):
         if not self.heads or not all(isinstance(row, list) and row for row in self.heads):
@@ -72,7 +77,10 @@ class SparsityPlan:
             raise ValueError(f"every layer must list the same number of heads, got {sorted(widths)}")
         self.heads = [[normalize_spec(s) for s in row] for row in self.heads]
         try:
-            self.tile = check_tile(tuple(self.tile) if isinstance(self.tile, (list, tuple)) else self.tile)
+            if self.block is not None:
+                check_block(self.block)
+            self.tile = check_tile(tuple(self.tile) if isinstance(self.tile, (list, tuple)) else self.tile, self.block)
+            check_order(self.order)
         except ValueError as e:
             raise ValueError(f"plan tile: {e}") from None
         if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, (int, float)):
@@ -89,11 +97,13 @@ class SparsityPlan:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def dense(cls, shape: tuple[int, int], tile=(1, 8, 8), model: dict | None = None) -> "SparsityPlan":
+    def dense(cls, shape: tuple[int, int], tile=(1, 8, 8), model: dict | None = None, block: int | None = None,
+              order: str = "fhw") -> "SparsityPlan":
         """Every head of ``shape = (layers, heads)`` dense: with it a model computes exactly what the
         stock processors compute. ``model`` is a fingerprint to record (see ``sparse_vdit.dense_plan``)."""
         layers, heads = _layers_heads(shape, "dense")
-        return cls([[dict(DENSE)] * heads for _ in range(layers)], tile=tile, model=dict(model or {}))
+        return cls([[dict(DENSE)] * heads for _ in range(layers)], tile=tile, model=dict(model or {}), block=block,
+                   order=order)
 
     @classmethod
     def uniform(
@@ -104,15 +114,21 @@ class SparsityPlan:
         dense_layers: Sequence[int] = (),
         tile=(1, 8, 8),
         model: dict | None = None,
+        block: int | None = None,
+        order: str = "fhw",
     ) -> "SparsityPlan":
         """The same mask spec on every head of every layer of ``shape = (layers, heads)``, except
         ``dense_layers``. For a model use ``sparse_vdit.uniform_plan(model, spec, ...)``."""
         layers, heads = _layers_heads(shape, "uniform")
         spec = normalize_spec(spec)
         return cls([[spec] * heads for _ in range(layers)], tile=tile, dense_steps=dense_steps,
-                   dense_layers=list(dense_layers), model=dict(model or {}))
+                   dense_layers=list(dense_layers), model=dict(model or {}), block=block, order=order)
 
     # ------------------------------------------------------------------ queries
+    def layout_options(self) -> dict[str, Any]:
+        """``tile``, ``block`` and ``order`` as ``VideoLayout`` keyword arguments."""
+        return {"tile": tuple(self.tile), "block": self.block, "order": self.order}
+
     @property
     def num_layers(self) -> int:
         return len(self.heads)
@@ -158,7 +174,8 @@ class SparsityPlan:
         dense_heads = sum(v for k, v in kinds.items() if k == "dense")
         lines = [
             f"SparsityPlan v{self.version} for {self.model.get('class', '?')}: {self.num_layers} layers x {self.num_heads} heads, "
-            f"tile {'x'.join(map(str, self.tile))}",
+            f"tile {'x'.join(map(str, self.tile))}" + (f", block {self.block}" if self.block else "")
+            + (f", {self.order} order" if self.order != "fhw" else ""),
             f"  dense steps: {self.dense_steps}; dense layers: {self.dense_layers or 'none'}; "
             f"dense heads: {dense_heads}/{total}",
             "  masks: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])),
@@ -194,6 +211,8 @@ class SparsityPlan:
             "version": self.version,
             "model": self.model,
             "tile": list(self.tile),
+            **({"block": self.block} if self.block is not None else {}),
+            **({"order": self.order} if self.order != "fhw" else {}),
             "dense_steps": self.dense_steps,
             "dense_layers": self.dense_layers,
             "heads": self.heads,
@@ -236,7 +255,7 @@ class SparsityPlan:
             raise ValueError(f"plan is missing {missing}")
         return cls(heads=d["heads"], tile=tuple(d["tile"]), dense_steps=d.get("dense_steps", 0),
                    dense_layers=list(d.get("dense_layers", [])), model=d.get("model", {}),
-                   metrics=d.get("metrics", {}), version=version)
+                   metrics=d.get("metrics", {}), version=version, block=d.get("block"), order=d.get("order", "fhw"))
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> "SparsityPlan":
