@@ -223,15 +223,25 @@ def test_every_family_calibrates(family, tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
-def test_ladders_pick_the_cheapest_rung_within_budget(planted, planted_plan):
-    """With ladders every rung of the family is measured, each head gets the sparsest option whose
-    worst error fits the budget, and no head ends up denser than with the family default alone."""
-    kw = dict(run=_wan_run(), num_prompts=2, num_inference_steps=4, error_budget=0.05, tile=(1, 4, 4),
-              sample_steps=(0.0, 0.5, 1.0), progress=False)
-    plan = sv.calibrate(planted, candidates=["sliding_tile"], ladders=True, **kw)
-    default = sv.calibrate(planted, candidates=["sliding_tile"], **kw)
-    rungs = [sv.masks.spec_name(s) for s in sv.masks.ladder("sliding_tile")]
-    assert set(plan.metrics["candidates"]) == set(rungs) and len(rungs) > 1
+LADDER_CASES = {
+    "own family, tiles": (["sliding_tile"], {"tile": (1, 4, 4)}),
+    "peer families, raster": (["svg_spatial", "svd_diagonal", "radial_attn"], {"tile": (0, 0, 0), "block": 16}),
+}
+
+
+@pytest.mark.parametrize("which", list(LADDER_CASES))
+def test_ladders_pick_the_cheapest_rung_within_budget(planted, planted_plan, which):
+    """With ladders every rung of every family is measured, each head gets the sparsest option whose
+    worst error fits the budget across all families, and no head ends up denser than with the family
+    defaults alone."""
+    kinds, options = LADDER_CASES[which]
+    kw = dict(run=_wan_run(), num_prompts=2, num_inference_steps=4, error_budget=0.05,
+              sample_steps=(0.0, 0.5, 1.0), progress=False, **options)
+    plan = sv.calibrate(planted, candidates=kinds, ladders=True, **kw)
+    default = sv.calibrate(planted, candidates=kinds, **kw)
+    assert plan.layout_options() == {"tile": (1, 4, 4), "block": None, "order": "fhw", **options}
+    rungs = [sv.masks.spec_name(s) for k in kinds for s in sv.masks.ladder(k)]
+    assert set(plan.metrics["candidates"]) == set(rungs) and len(rungs) > len(kinds)
     records = plan.metrics["records"]
     for layer, row in enumerate(plan.metrics["per_head"]):
         rec = [r for r in records if r["layer"] == layer][-1]

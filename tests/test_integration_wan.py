@@ -74,11 +74,22 @@ def test_two_resolutions_in_a_row_and_remove_restores(model):
     assert not any(isinstance(m.processor, sv.SparseAttnProcessor) for m in model.modules() if hasattr(m, "set_processor"))
 
 
-def test_sparse_path_matches_layout_reference(model):
+PLAN_LAYOUTS = {  # spec, layout options of the plan
+    "tiles": ("temporal", {"tile": (1, 4, 4)}),
+    "sta-tiles": ({"kind": "sta", "tile": [2, 4, 4], "window": [1, 1, 3]}, {"tile": (2, 4, 4), "block": 16}),
+    "raster": ({"kind": "radial_attn", "block": 16}, {"tile": (0, 0, 0), "block": 16}),
+    "position-major": ({"kind": "svg_temporal", "block": 16, "width_frames": 0.5},
+                       {"tile": (0, 0, 0), "block": 16, "order": "hwf"}),
+}
+
+
+@pytest.mark.parametrize("which", list(PLAN_LAYOUTS))
+def test_sparse_path_matches_layout_reference(model, which):
     """The processor's sparse output equals the model run with a reference attention restricted to
-    the same token pairs (float64 reference on the layer's q, k, v)."""
+    the same token pairs (float64 reference on the layer's q, k, v), on the plan's layout."""
     x, e = _inputs(B=1, frames=3, size=16)
-    plan = sv.uniform_plan(model, "temporal", tile=(1, 4, 4))
+    spec, options = PLAN_LAYOUTS[which]
+    plan = sv.uniform_plan(model, spec, **options)
     proc = sv.apply(model, plan)
     captured = {}
     adapter = proc.binding().adapter
@@ -98,9 +109,11 @@ def test_sparse_path_matches_layout_reference(model):
         del adapter.sparse_forward
         sv.remove(model)
     q, k, v, o = (t.transpose(1, 2).double() for t in captured["qkvo"])
-    layout = sv.VideoLayout(3, 8, 8, (1, 4, 4))
+    layout = sv.VideoLayout(3, 8, 8, **options)
+    assert proc.cached_layouts() == [layout]
     blk = layout.block_of_token()
-    allowed = sv.masks.block_matrix("temporal", layout)[blk][:, blk]
+    allowed = sv.masks.block_matrix(spec, layout)[blk][:, blk]
+    assert 0.05 < allowed.double().mean() < 0.95
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
     assert (o - ref).abs().max() < 1e-5
