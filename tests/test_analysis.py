@@ -6,7 +6,7 @@ import torch
 import sparse_vdit as sv
 from sparse_vdit.analysis.edit import TransferAttention
 from sparse_vdit.cli import main
-from sparse_vdit.integration import LayerSlot
+from sparse_vdit.integration import HeadGroup, LayerSlot
 from sparse_vdit.ops import reference_attention
 from sparse_vdit.testing import FAMILIES, make, planted_sink_transformer, tiny_wan_pipeline
 
@@ -81,7 +81,8 @@ def test_analyze_cli_every_family(family, tmp_path):
 
 # ---------------------------------------------------------------------------- transfer
 def _slot(layout, mask=None):
-    return LayerSlot(stock=None, adapter=None, layer=0, mask=mask, token_order=layout.token_order(), layout=layout,
+    groups = None if mask is None else (HeadGroup(mask, None),)
+    return LayerSlot(stock=None, adapter=None, layer=0, groups=groups, token_order=layout.token_order(), layout=layout,
                      step=0)
 
 

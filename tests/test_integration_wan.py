@@ -283,9 +283,12 @@ def test_mixed_layer_dense_heads_go_to_dense_attention(model):
     for heads in (mixed, covered):
         proc = sv.apply(model, sv.SparsityPlan(heads=[heads] * 3, tile=(1, 4, 4), model=sv.dense_plan(model).model))
         outs.append(_run(model, x, e))
-        slot = proc.binding().slots[0]
-        split = (slot.sparse_heads, slot.dense_heads)
+        slot, other = (next(s for s in proc.binding().slots if s.layer == i) for i in (0, 1))
+        groups = [(g.mask is None, g.heads.tolist()) for g in slot.groups]
+        shared = [g.mask for g in other.groups]
         sv.remove(model)
-        if heads is mixed:
-            assert split[0].tolist() == [1, 3] and split[1].tolist() == [0, 2]
+        if heads is mixed:  # one group per spec; the dense one without a mask
+            assert sorted(groups) == [(False, [1]), (False, [3]), (True, [0, 2])]
+            # layers with the same specs share the masks: one per spec, not per layer
+            assert [g.mask for g in slot.groups] == shared
     assert _rel(outs[0], outs[1]) <= 1e-5

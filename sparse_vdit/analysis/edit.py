@@ -12,8 +12,9 @@ from typing import Any, Iterable
 
 import torch
 
-from ..integration import AttentionStrategy, LayerSlot, SparseAttention, adapter_for, apply, dense_plan, remove
-from ..ops import default_backend, dense_attention, sparse_attention
+from ..integration import (AttentionStrategy, LayerSlot, SparseAttention, adapter_for, apply, dense_plan,
+                           grouped_attention, remove, text_queries)
+from ..ops import default_backend, dense_attention
 from ..plan import SparsityPlan
 
 
@@ -67,9 +68,9 @@ class TransferAttention(AttentionStrategy):
         qq, kk = torch.cat([q[:s], q_t]), torch.cat([k[:s], k_t])
         kv = None if key_valid is None else torch.cat([key_valid[:s], key_valid[:s] if self.heads is None else key_valid[s:]])
         self.transferred_calls += 1
-        if slot.mask is not None:
-            return sparse_attention(qq, kk, v, slot.mask, slot.token_order, key_valid=kv,
-                                    backend=self.backend or default_backend(q.device))
+        if slot.groups is not None:
+            return grouped_attention(qq, kk, v, slot.groups, slot.token_order, kv,
+                                     self.backend or default_backend(q.device), text_queries(slot.layout))
         return dense_attention(qq, kk, v, key_valid=kv)
 
 

@@ -2,12 +2,14 @@
 step, one adapter per family, ``apply`` / ``remove`` and the model-aware plan constructors."""
 from .adapters import ADAPTERS, ModelAdapter, adapter_for, attention_shape, check_plan, key_valid_from_mask
 from .api import apply, dense_plan, load_pipeline, remove, set_module_processor, uniform_plan
-from .processor import AttentionStrategy, Binding, LayerSlot, SparseAttention, SparseAttnProcessor
+from .processor import (AttentionStrategy, Binding, HeadGroup, LayerSlot, SparseAttention, SparseAttnProcessor,
+                        grouped_attention, text_queries)
 
 __all__ = [
     "ADAPTERS",
     "AttentionStrategy",
     "Binding",
+    "HeadGroup",
     "LayerSlot",
     "ModelAdapter",
     "SparseAttention",
@@ -17,9 +19,11 @@ __all__ = [
     "attention_shape",
     "check_plan",
     "dense_plan",
+    "grouped_attention",
     "key_valid_from_mask",
     "load_pipeline",
     "remove",
     "set_module_processor",
+    "text_queries",
     "uniform_plan",
 ]

@@ -4,8 +4,10 @@ A forward pre-hook on the transformer learns, per call, the latent grid (hence t
 :class:`VideoLayout`) and the denoising step (from timestep changes: a repeated timestep is the
 same step, e.g. the unconditional half of CFG; a larger one starts a new generation). It then
 resolves, for every attention module, what this forward does there, into a small :class:`LayerSlot`
-on the module: the layer's :class:`BlockSparseMask` and token order when the layer runs sparse,
-nothing when it runs dense. The processor call only reads that slot, so it holds no per-layer Python
+on the module: the layer's head groups and token order when the layer runs sparse, nothing when it
+runs dense. A head group is the heads of one mask spec and that spec's one-row mask, which every
+layer using the spec shares (a plan holds few distinct specs, so masks cost per spec, not per layer
+and head); dense heads of a mixed layer form a group without a mask (SDPA). The processor call only reads that slot, so it holds no per-layer Python
 state: one instance serves every layer, and ``torch.compile`` of a block sees tensors, not layer
 numbers.
 
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..masks import VideoLayout, build
+from ..masks import VideoLayout, block_matrix, build
 from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
 from ..plan import SparsityPlan
 from .adapters import ModelAdapter, adapter_for, check_plan
@@ -35,26 +37,60 @@ _SLOT = "_sparse_vdit_slot"
 MAX_CACHED_LAYOUTS = 4  # masks are kept for this many (layout, device) pairs, least recently used dropped
 
 
+@dataclass(frozen=True, eq=False)
+class HeadGroup:
+    """Heads of a layer that share one mask: ``mask`` is a one-row (broadcast) mask shared by every
+    layer with that spec, None for dense heads; ``heads`` the head indices (None: every head)."""
+
+    mask: BlockSparseMask | None
+    heads: torch.Tensor | None
+
+
+def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None, text=None) -> torch.Tensor:
+    """Attention of ``[B, N, H, D]`` q/k/v, each head group with its mask (dense groups: SDPA).
+
+    ``text = (start, length)``: the text queries there attend every key (dense, SDPA, all heads at
+    once); the groups' masks then leave those query rows empty, which keeps every mask row as short
+    as its longest video row."""
+    def run(g, qq, kk, vv):
+        if g.mask is None:
+            return dense_attention(qq, kk, vv, key_valid=key_valid)
+        return sparse_attention(qq, kk, vv, g.mask, token_order, key_valid=key_valid, backend=backend)
+
+    if len(groups) == 1 and groups[0].heads is None:
+        out = run(groups[0], q, k, v)
+    else:
+        out = torch.empty_like(q)
+        for g in groups:
+            out[:, :, g.heads] = run(g, q[:, :, g.heads], k[:, :, g.heads], v[:, :, g.heads])
+    if text is None or not text[1]:
+        return out
+    a, n = text
+    o_text = dense_attention(q[:, a:a + n], k, v, key_valid=key_valid)
+    return torch.cat([out[:, :a], o_text, out[:, a + n:]], dim=1)  # not in place: autograd keeps out
+
+
+def text_queries(layout: VideoLayout) -> tuple[int, int] | None:
+    """(start, length) of the text queries of ``layout`` in model order, None without text."""
+    return (layout.text_offset, layout.text_len) if layout.text_len else None
+
+
 @dataclass(eq=False)
 class LayerSlot:
     """Per attention module: its stock processor, and what the current forward does there.
 
     ``layer`` is the plan layer (None for attention the plan does not cover, e.g. cross-attention);
-    ``mask`` and ``token_order`` are set per forward (None: the plan runs this layer dense now);
+    ``groups`` and ``token_order`` are set per forward (None: the plan runs this layer dense now);
     ``layout`` and ``step`` are the current forward's.
     """
 
     stock: Any
     adapter: ModelAdapter
     layer: int | None
-    mask: BlockSparseMask | None = None
+    groups: tuple[HeadGroup, ...] | None = None
     token_order: torch.Tensor | None = None
     layout: VideoLayout | None = None
     step: int = 0
-    # In a layer whose plan mixes dense and sparse heads: ``mask`` covers the sparse heads only, which
-    # are ``sparse_heads``; the ``dense_heads`` run dense attention (SDPA). None when not mixed.
-    sparse_heads: torch.Tensor | None = None
-    dense_heads: torch.Tensor | None = None
     # Under diffusers' context parallelism (Ulysses): this rank's group, else None.
     ulysses: Ulysses | None = None
     full_mask: BlockSparseMask | None = None  # the layer's mask over all heads (for Ulysses)
@@ -101,7 +137,7 @@ class SparseAttention(AttentionStrategy):
         self.backend = backend
 
     def runs(self, slot: LayerSlot) -> bool:
-        return slot.mask is not None
+        return slot.groups is not None
 
     def attend(self, q, k, v, slot: LayerSlot, key_valid=None) -> torch.Tensor:
         local = slot.layout.seq_len // slot.ulysses.degree if slot.ulysses is not None else slot.layout.seq_len
@@ -115,15 +151,7 @@ class SparseAttention(AttentionStrategy):
             o = sparse_attention(qh, kh, vh, local_heads(slot.full_mask, u, heads), slot.token_order, key_valid=kv,
                                  backend=backend)
             return heads_to_sequence(o, u, heads)
-        if slot.dense_heads is None:
-            return sparse_attention(q, k, v, slot.mask, slot.token_order, key_valid=key_valid, backend=backend)
-        # Dense heads of a mixed layer go to the fastest dense kernel, the others to the sparse one.
-        sh, dh = slot.sparse_heads, slot.dense_heads
-        out = torch.empty_like(q)
-        out[:, :, sh] = sparse_attention(q[:, :, sh], k[:, :, sh], v[:, :, sh], slot.mask, slot.token_order,
-                                         key_valid=key_valid, backend=backend)
-        out[:, :, dh] = dense_attention(q[:, :, dh], k[:, :, dh], v[:, :, dh], key_valid=key_valid)
-        return out
+        return grouped_attention(q, k, v, slot.groups, slot.token_order, key_valid, backend, text_queries(slot.layout))
 
 
 class SparseAttnProcessor:
@@ -148,13 +176,17 @@ class SparseAttnProcessor:
         self.attention = attention if attention is not None else SparseAttention(backend)
         self.num_inference_steps: int | None = None
         self._bindings: dict[int, Binding] = {}  # id(transformer) -> binding
-        # (layout, device) -> {layer key -> mask}, least recently used first
-        self._mask_cache: OrderedDict[tuple, dict[str, BlockSparseMask]] = OrderedDict()
+        # (layout, device) -> {spec or layer key -> mask / head groups}, least recently used first
+        self._mask_cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self._layer_keys = [json.dumps(plan.layer_specs(i), sort_keys=True) for i in range(plan.num_layers)]
         self._layer_dense = [plan.layer_is_dense(i) for i in range(plan.num_layers)]
-        # Per layer, the heads the plan keeps dense (decided once, read every forward).
-        self._dense_heads = [[h for h, spec in enumerate(plan.layer_specs(i)) if spec["kind"] == "dense"]
-                             for i in range(plan.num_layers)]
+        # Per layer, its heads grouped by spec (decided once, read every forward): [(spec key, heads)].
+        self._head_groups = []
+        for i in range(plan.num_layers):
+            by_spec: dict[str, list[int]] = {}
+            for h, spec in enumerate(plan.layer_specs(i)):
+                by_spec.setdefault(json.dumps(spec, sort_keys=True), []).append(h)
+            self._head_groups.append(list(by_spec.items()))
 
     # ------------------------------------------------------------------ binding to a transformer
     def bind(self, transformer, scheduler=None) -> Binding:
@@ -289,8 +321,7 @@ class SparseAttnProcessor:
             if parallel_config is not None and hasattr(slot.stock, "_parallel_config"):
                 slot.stock._parallel_config = parallel_config  # dense layers run diffusers' own parallel attention
             sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
-            slot.mask, slot.sparse_heads, slot.dense_heads = \
-                self.layer_masks(slot.layer, binding.layout, device) if sparse else (None, None, None)
+            slot.groups = self.head_groups(slot.layer, binding.layout, device) if sparse else None
             slot.full_mask = self.mask_for(slot.layer, binding.layout, device) if sparse and ulysses else None
             slot.token_order = order
             slot.layout = binding.layout
@@ -301,7 +332,7 @@ class SparseAttnProcessor:
 
     def _warn_first_forward_dense(self, binding: Binding) -> None:
         for slot in binding.slots:
-            slot.mask = None
+            slot.groups = None
         if binding.warned_first_forward or all(self._layer_dense):
             return
         binding.warned_first_forward = True
@@ -325,10 +356,12 @@ class SparseAttnProcessor:
         return None
 
     def mask_for(self, layer: int, layout: VideoLayout, device) -> BlockSparseMask:
-        """The layer's BlockSparseMask on ``layout`` (built once per layout and spec set, then cached;
-        the masks of the least recently used layout go beyond ``MAX_CACHED_LAYOUTS``)."""
+        """The layer's BlockSparseMask over all its heads on ``layout`` (built once per layout and spec
+        set, then cached; the masks of the least recently used layout go beyond ``MAX_CACHED_LAYOUTS``).
+        Sparse forwards use :meth:`head_groups` instead, whose masks layers share; this one is for
+        context parallelism (a rank takes its heads' rows), pictures and benchmarks."""
         per_layer = self._layout_cache(layout, device)
-        key = self._layer_keys[layer]
+        key = "layer:" + self._layer_keys[layer]
         mask = per_layer.get(key)
         if mask is None:
             specs = self.plan.layer_specs(layer)
@@ -350,21 +383,47 @@ class SparseAttnProcessor:
             self._mask_cache.move_to_end(where)
         return per_layer
 
-    def layer_masks(self, layer: int, layout: VideoLayout, device):
-        """What a sparse forward of ``layer`` uses: (mask, sparse head indices, dense head indices) --
-        the whole layer's mask when no head is dense; for a mixed layer, the mask of its sparse heads
-        (the dense ones run SDPA) and both index lists. Cached per layout."""
-        dense = self._dense_heads[layer]
-        if not dense:
-            return self.mask_for(layer, layout, device), None, None
-        per_layer = self._layout_cache(layout, device)
-        key = "mixed:" + self._layer_keys[layer]
-        if key not in per_layer:
-            specs = self.plan.layer_specs(layer)
-            sparse = [h for h in range(len(specs)) if h not in dense]
-            mask = build([specs[h] for h in sparse], layout, device=device)
-            per_layer[key] = (mask, torch.tensor(sparse, device=device), torch.tensor(dense, device=device))
-        return per_layer[key]
+    def pattern_mask(self, spec_key: str, layout: VideoLayout, device) -> BlockSparseMask:
+        """The one-row mask of one spec (its JSON key) on ``layout``, shared by every layer and head
+        that uses the spec, its text query rows empty (they run dense beside it); cached per layout."""
+        cache = self._layout_cache(layout, device)
+        key = "spec:" + spec_key
+        if key not in cache:
+            blocks = block_matrix(json.loads(spec_key), layout, device)
+            if layout.text_len:  # text queries run dense beside the kernel (grouped_attention)
+                blocks = blocks.clone()
+                blocks[layout.num_video_blocks:] = False
+            cache[key] = BlockSparseMask.from_dense(blocks[None], layout.block_size).for_token_order(layout.order_digest)
+        return cache[key]
+
+    def head_groups(self, layer: int, layout: VideoLayout, device) -> tuple[HeadGroup, ...]:
+        """What a sparse forward of ``layer`` uses: its heads grouped by spec, each group with the
+        spec's shared one-row mask (None for dense heads, which run SDPA); cached per layout."""
+        cache = self._layout_cache(layout, device)
+        key = f"groups:{layer}"
+        if key not in cache:
+            groups = self._head_groups[layer]
+            whole = len(groups) == 1
+            cache[key] = tuple(
+                HeadGroup(None if json.loads(k)["kind"] == "dense" else self.pattern_mask(k, layout, device),
+                          None if whole else torch.tensor(heads, device=device))
+                for k, heads in groups)
+        return cache[key]
+
+    def cached_mask_bytes(self, layout: VideoLayout, device, tile_rows: int | None = None) -> int:
+        """Bytes of the distinct masks held for ``layout`` (each shared mask once); with ``tile_rows``,
+        also the query-tile lists the tiled Triton kernel derives from them."""
+        seen, total = set(), 0
+        for value in self._layout_cache(layout, device).values():
+            masks = [value] if isinstance(value, BlockSparseMask) else [g.mask for g in value if g.mask is not None]
+            for m in masks:
+                if id(m) in seen:
+                    continue
+                seen.add(id(m))
+                total += m.kv_counts.nbytes + m.kv_indices.nbytes
+                if tile_rows is not None:
+                    total += sum(t.nbytes for t in m.query_tiles(tile_rows))
+        return total
 
     # ------------------------------------------------------------------ the processor call
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,

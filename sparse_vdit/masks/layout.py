@@ -33,7 +33,7 @@ def check_tile(tile, block: int | None = None) -> tuple[int, int, int]:
         vol = tile[0] * tile[1] * tile[2]
         if 0 in tile or vol < 16 or vol & (vol - 1):
             raise ValueError(f"tile volume must be a power of two >= 16 (e.g. (1, 8, 8) = 64, (1, 4, 4) = 16, "
-                             f"(2, 8, 8) = 128), got tile {tuple(tile)}; give a kernel block size (block=64) "
+                             f"(2, 8, 8) = 128), got tile {tuple(tile)} = {vol}; give a kernel block size (block=64) "
                              f"for tiles of other sizes (e.g. STA's (6, 8, 8) or (0, 0, 0) for raster order)")
     else:
         check_block(block)

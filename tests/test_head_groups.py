@@ -1,0 +1,53 @@
+"""Head groups: layers share one mask per spec, text queries run dense beside the kernel, and the
+result (values and gradients) equals one call with the layer's full per-head mask."""
+import pytest
+import torch
+
+import sparse_vdit as sv
+from sparse_vdit.integration import grouped_attention, text_queries
+from sparse_vdit.ops import sparse_attention
+
+SPECS = [{"kind": "sliding_tile", "window": [1, 3, 3]}, "dense", "temporal", {"kind": "sliding_tile", "window": [1, 3, 3]}]
+
+
+@pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)])
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_grouped_attention_equals_the_full_mask(backend, dtype, tol, position):
+    layout = sv.VideoLayout(3, 6, 10, (1, 4, 4), text_len=9, text_position=position)
+    plan = sv.SparsityPlan(heads=[SPECS, SPECS], tile=(1, 4, 4))
+    proc = sv.SparseAttnProcessor(plan)
+    groups = proc.head_groups(0, layout, "cpu")
+    assert len(groups) == 3 and [g.heads.tolist() for g in groups] == [[0, 3], [1], [2]]
+    assert groups[0].mask is proc.head_groups(1, layout, "cpu")[0].mask  # shared across layers
+    for g in groups:
+        if g.mask is not None:  # text query rows left empty: they run dense beside the kernel
+            assert g.mask.heads == 1 and (g.mask.kv_counts[0, 0, layout.num_video_blocks:] == 0).all()
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D = 2, 4, layout.seq_len, 16
+    q, k, v = (torch.randn(B, N, H, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+    key_valid = torch.ones(B, N, dtype=torch.bool)
+    key_valid[1, layout.text_offset + layout.text_len - 3: layout.text_offset + layout.text_len] = False  # padded text
+    order = layout.token_order()
+    out = grouped_attention(q, k, v, groups, order, key_valid, backend, text_queries(layout))
+    full = sv.masks.build(SPECS, layout)
+    ref = sparse_attention(q, k, v, full, order, key_valid=key_valid, backend=backend)
+    assert (out - ref).abs().max() < tol
+    w = torch.randn(out.shape, generator=g, dtype=dtype)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, want):
+        assert torch.isfinite(a).all() and (a - b).abs().max() < 10 * tol
+
+
+def test_plan_masks_cost_per_distinct_spec_not_per_layer():
+    """60 layers x 8 heads drawn from 3 specs: the processor holds 3 masks for the layout."""
+    layout = sv.VideoLayout(4, 16, 16, (1, 8, 8), text_len=20)
+    specs = ["temporal", {"kind": "sliding_tile", "window": [1, 3, 3]}, "spatial"]
+    g = torch.Generator().manual_seed(1)
+    heads = [[specs[int(i)] for i in torch.randint(0, 3, (8,), generator=g)] for _ in range(60)]
+    proc = sv.SparseAttnProcessor(sv.SparsityPlan(heads=heads, tile=(1, 8, 8)))
+    masks = {id(gr.mask) for layer in range(60) for gr in proc.head_groups(layer, layout, "cpu")}
+    assert len(masks) == 3
+    one = sum(m.kv_counts.nbytes + m.kv_indices.nbytes for m in
+              {id(gr.mask): gr.mask for layer in range(60) for gr in proc.head_groups(layer, layout, "cpu")}.values())
+    assert proc.cached_mask_bytes(layout, "cpu") == one
