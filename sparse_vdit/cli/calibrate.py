@@ -5,6 +5,7 @@ import argparse
 import pathlib
 
 from .common import add_model_source, check_fraction, checked_tile_and_steps, read_prompts
+from .inspect import add_layout_options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -34,7 +35,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "instead of its default alone")
     p.add_argument("--error-budget", type=float, default=0.05,
                    help="largest relative output error per head, in (0, 1)")
-    p.add_argument("--tile", default="1,8,8", help="tile t,h,w in latent tokens (volume a power of two >= 16)")
+    p.add_argument("--tile", default="1,8,8", help="tile t,h,w in latent tokens (volume a power of two >= 16 "
+                   "unless --block is given; 0: the whole axis)")
+    add_layout_options(p)
     p.add_argument("--checkpoint", default=None, help="partial results file, to stop and resume")
     p.add_argument("--global-budget", type=float, default=None,
                    help="bound on the end-to-end output error, checked on the last prompt (held out)")
@@ -123,7 +126,7 @@ def run(args, p) -> int:
         steps = args.steps
     plan = sv.calibrate(target, num_inference_steps=steps, candidates=candidates, ladders=args.ladders,
                         error_budget=args.error_budget,
-                        tile=tile, checkpoint=args.checkpoint, global_budget=args.global_budget, **kw)
+                        tile=tile, block=args.block, order=args.order, checkpoint=args.checkpoint, global_budget=args.global_budget, **kw)
     out = plan.save(args.out)
     report = pathlib.Path(args.report) if args.report else out.parent / (out.stem + "_report")
     paths = sv.calibration.save_report(plan, report)

@@ -12,15 +12,11 @@ def add_model_source(p: argparse.ArgumentParser, tiny_help: str) -> None:
 
 
 def checked_tile_and_steps(args, p: argparse.ArgumentParser) -> tuple[int, int, int]:
-    """The parsed ``--tile`` (a valid tile) after checking ``--steps`` >= 1; parser errors otherwise."""
-    from ..masks import check_tile
-    from .inspect import parse_ints
+    """The parsed ``--tile`` (valid with ``--block`` where the subcommand has it) after checking
+    ``--steps`` >= 1; parser errors otherwise."""
+    from .inspect import parse_layout
 
-    try:
-        tile = parse_ints(args.tile, 3, "--tile")
-        check_tile(tile)
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        p.error(str(e))
+    tile = parse_layout(args, p)["tile"]
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     return tile

@@ -5,14 +5,36 @@ import argparse
 import json
 
 
-def parse_ints(text: str, n: int, name: str) -> tuple[int, ...]:
+def parse_ints(text: str, n: int, name: str, minimum: int = 1) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != n or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{name} takes {n} positive integers separated by commas, got {text!r}")
+    if len(values) != n or any(v < minimum for v in values):
+        what = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+        raise argparse.ArgumentTypeError(f"{name} takes {n} {what} separated by commas, got {text!r}")
     return values
+
+
+def add_layout_options(p: argparse.ArgumentParser) -> None:
+    """--block and --order: tiles of several kernel blocks (STA's 6,8,8; 0,0,0 for raster order)."""
+    p.add_argument("--block", type=int, default=None,
+                   help="kernel block size when a tile spans several blocks (e.g. --tile 6,8,8 --block 64 for STA, "
+                        "--tile 0,0,0 --block 64 for raster order); default: the tile is one block")
+    p.add_argument("--order", choices=["fhw", "hwf"], default="fhw",
+                   help="axis order: frame-major (fhw) or position-major (hwf, Sparse VideoGen's temporal heads)")
+
+
+def parse_layout(args, p: argparse.ArgumentParser) -> dict:
+    """``tile``, ``block``, ``order`` for VideoLayout from --tile/--block/--order; parser errors otherwise."""
+    from ..masks import check_tile
+
+    try:
+        tile = parse_ints(args.tile, 3, "--tile", minimum=0)
+        check_tile(tile, getattr(args, "block", None))
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        p.error(str(e))
+    return {"tile": tile, "block": getattr(args, "block", None), "order": getattr(args, "order", "fhw")}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,7 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("plan", nargs="?", help="a plan JSON to summarize")
     p.add_argument("--mask", help='a mask spec to show instead: a kind name or JSON, e.g. \'{"kind": "radial"}\'')
     p.add_argument("--grid", default="21,30,52", help="latent grid frames,height,width (tokens after patchify)")
-    p.add_argument("--tile", default="1,8,8", help="tile t,h,w")
+    p.add_argument("--tile", default="1,8,8", help="tile t,h,w (0: the whole axis)")
+    add_layout_options(p)
     p.add_argument("--text", type=int, default=0, help="text tokens in the sequence")
     p.add_argument("--png", help="save a picture of the mask (or of the plan's first layer)")
     p.add_argument("--ulysses", type=int, default=None, metavar="P",
@@ -36,9 +59,9 @@ def run(args, p) -> int:
 
     try:
         grid = parse_ints(args.grid, 3, "--grid")
-        tile = parse_ints(args.tile, 3, "--tile")
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
+    options = parse_layout(args, p)
     if args.text < 0:
         p.error(f"--text must be >= 0, got {args.text}")
     if args.mask:
@@ -46,8 +69,11 @@ def run(args, p) -> int:
             spec = json.loads(args.mask) if args.mask.lstrip().startswith("{") else args.mask
         except json.JSONDecodeError as e:
             p.error(f"--mask is neither a kind name nor valid JSON: {e}")
-        layout = sv.VideoLayout(*grid, tile=tile, text_len=args.text)
-        mask = sv.masks.build(spec, layout)
+        try:
+            layout = sv.VideoLayout(*grid, **options, text_len=args.text)
+            mask = sv.masks.build(spec, layout)
+        except ValueError as e:
+            p.error(str(e))
         print(layout.describe())
         print(f"{sv.masks.spec_name(spec)}: density {mask.density():.4f}")
         if layout.num_blocks <= 48:
@@ -59,7 +85,7 @@ def run(args, p) -> int:
         p.error("give a plan JSON or --mask SPEC")
     plan = sv.SparsityPlan.load(args.plan)
     print(plan.summary())
-    layout = sv.VideoLayout(*grid, tile=tuple(plan.tile), text_len=args.text)
+    layout = sv.VideoLayout(*grid, **plan.layout_options(), text_len=args.text)
     print(f"on {layout.describe()}:")
     total = 0.0
     for layer in range(plan.num_layers):
