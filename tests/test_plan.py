@@ -41,3 +41,23 @@ def test_load_rejects_other_files(tmp_path):
     (tmp_path / "y.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         sv.SparsityPlan.load(tmp_path / "y.json")
+
+
+def test_plan_layout_options_round_trip(tmp_path):
+    """tile / block / order survive save and load; old plans (no block, no order) keep the defaults."""
+    import json
+
+    plan = sv.SparsityPlan.uniform((2, 3), "sta", tile=(6, 8, 8), block=64, order="hwf")
+    again = sv.SparsityPlan.load(plan.save(tmp_path / "p.json"))
+    assert again.layout_options() == {"tile": (6, 8, 8), "block": 64, "order": "hwf"}
+    assert "block 64" in again.summary() and "hwf" in again.summary()
+    d = json.loads((tmp_path / "p.json").read_text())
+    del d["block"], d["order"]
+    d["tile"] = [1, 4, 4]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    assert sv.SparsityPlan.load(tmp_path / "old.json").layout_options() == {"tile": (1, 4, 4), "block": None,
+                                                                           "order": "fhw"}
+    with pytest.raises(ValueError, match="plan order: order must be one of"):
+        sv.SparsityPlan.uniform((2, 3), "sta", tile=(6, 8, 8), block=64, order="whf")
+    with pytest.raises(ValueError, match="plan tile: .*give a kernel block size"):
+        sv.SparsityPlan.uniform((2, 3), "sta", tile=(6, 8, 8))

@@ -80,9 +80,12 @@ class SparsityPlan:
             if self.block is not None:
                 check_block(self.block)
             self.tile = check_tile(tuple(self.tile) if isinstance(self.tile, (list, tuple)) else self.tile, self.block)
-            check_order(self.order)
         except ValueError as e:
             raise ValueError(f"plan tile: {e}") from None
+        try:
+            check_order(self.order)
+        except ValueError as e:
+            raise ValueError(f"plan order: {e}") from None
         if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, (int, float)):
             raise ValueError(f"dense_steps must be an int count or a float fraction in [0, 1), got {self.dense_steps!r}")
         if isinstance(self.dense_steps, float) and not 0.0 <= self.dense_steps < 1.0:
