@@ -369,7 +369,7 @@ def sink_blocks(sinks: Spec, layout: VideoLayout) -> torch.Tensor:
             if b > layout.seq_len:
                 raise ValueError(f"sink token range [{a}, {b}) outside the sequence of {layout.seq_len} tokens")
             keep[block_of[a:b]] = True
-    keep &= layout.block_has_tokens()
+    keep = keep & layout.block_has_tokens()
     return keep.nonzero().squeeze(1)
 
 

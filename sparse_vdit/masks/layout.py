@@ -241,7 +241,11 @@ class VideoLayout:
 
     def frame_range_of_blocks(self) -> torch.Tensor:
         """int64 ``[num_video_blocks, 2]``: first and last latent frame (inclusive) of the tokens in each
-        video block (a block of padding only gets its tile's first frame twice)."""
+        video block (a block of padding only gets its tile's first frame twice). Shared: do not modify."""
+        return self._frame_range
+
+    @cached_property
+    def _frame_range(self) -> torch.Tensor:
         order = self._token_order_cpu[: self.num_video_blocks * self.block_size].long()
         frame = torch.div(order - self.video_offset, self.height * self.width, rounding_mode="floor")
         frame = frame.view(self.num_video_blocks, self.block_size)
@@ -257,7 +261,11 @@ class VideoLayout:
 
     def block_has_tokens(self) -> torch.Tensor:
         """bool ``[num_blocks]``: False for the blocks of a partly filled tile that hold padding only
-        (masks neither visit nor fill them)."""
+        (masks neither visit nor fill them). Shared: do not modify."""
+        return self._has_tokens
+
+    @cached_property
+    def _has_tokens(self) -> torch.Tensor:
         return (self._token_order_cpu.view(self.num_blocks, self.block_size) >= 0).any(1)
 
     def video_token_blocks(self) -> torch.Tensor:
