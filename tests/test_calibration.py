@@ -225,7 +225,9 @@ def test_every_family_calibrates(family, tmp_path):
 
 LADDER_CASES = {
     "own family, tiles": (["sliding_tile"], {"tile": (1, 4, 4)}),
-    "peer families, raster": (["svg_spatial", "svd_diagonal", "radial_attn"], {"tile": (0, 0, 0), "block": 16}),
+    # svg_temporal's heads run position-major: measured (and later run) on their own order
+    "peer families, raster": (["svg_spatial", "svg_temporal", "svd_diagonal", "radial_attn"],
+                              {"tile": (0, 0, 0), "block": 16}),
 }
 
 
@@ -253,3 +255,9 @@ def test_ladders_pick_the_cheapest_rung_within_budget(planted, planted_plan, whi
             else:
                 assert head["chosen"] == "dense"
             assert head["density"] <= default.metrics["per_head"][layer][h]["density"] + 1e-9
+    proc = sv.apply(planted, plan)  # the plan runs (heads of different orders included)
+    try:
+        _wan_run()(planted, 0)
+        assert proc.binding().stats["sparse"] > 0
+    finally:
+        sv.remove(planted)

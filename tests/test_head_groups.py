@@ -51,3 +51,47 @@ def test_plan_masks_cost_per_distinct_spec_not_per_layer():
     one = sum(m.kv_counts.nbytes + m.kv_indices.nbytes for m in
               {id(gr.mask): gr.mask for layer in range(60) for gr in proc.head_groups(layer, layout, "cpu")}.values())
     assert proc.cached_mask_bytes(layout, "cpu") == one
+
+
+def _reference_per_head(q, k, v, specs, layout, key_valid):
+    """float64 attention where head h sees exactly the token pairs its spec's blocks visit, on the
+    spec's own layout (its ``order``)."""
+    B, N, H, D = q.shape
+    allowed = []
+    for spec in specs:
+        lay = sv.masks.spec_layout(spec, layout)
+        blk = lay.block_of_token()
+        allowed.append(sv.masks.block_matrix(spec, lay)[blk][:, blk])
+    allowed = torch.stack(allowed)[None] & key_valid[:, None, None, :]  # [B, H, N, N]
+    qh, kh, vh = (x.transpose(1, 2).double() for x in (q, k, v))
+    s = (qh @ kh.transpose(-1, -2)) * D ** -0.5
+    return (torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vh).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_heads_on_their_own_token_order(backend):
+    """Sparse VideoGen's spatial and temporal heads in one layer: the temporal heads run position-major
+    (their spec's order), the spatial ones raster, each exact against its own token pairs."""
+    layout = sv.VideoLayout(4, 5, 6, (0, 0, 0), block=16, text_len=7, text_position="after")
+    specs = [{"kind": "svg_spatial", "block": 16, "width_frames": 0.6}, {"kind": "svg_temporal", "block": 16,
+             "width_frames": 0.6}, "dense", {"kind": "svg_temporal", "block": 16, "width_frames": 0.6}]
+    proc = sv.SparseAttnProcessor(sv.SparsityPlan(heads=[specs], tile=(0, 0, 0), block=16))
+    groups = proc.head_groups(0, layout, "cpu")
+    hwf = sv.masks.spec_layout(specs[1], layout)
+    assert hwf.order == "hwf" and layout.order == "fhw"
+    by_heads = {tuple(g.heads.tolist()): g for g in groups}
+    assert by_heads[(0,)].token_order is None and torch.equal(by_heads[(1, 3)].token_order, hwf.token_order())
+    with pytest.raises(ValueError, match="different token orders"):
+        sv.masks.build(specs, layout)
+    g = torch.Generator().manual_seed(2)
+    B, N, H, D = 2, layout.seq_len, 4, 16
+    q, k, v = (torch.randn(B, N, H, D, generator=g) for _ in range(3))
+    key_valid = torch.ones(B, N, dtype=torch.bool)
+    key_valid[0, -2:] = False
+    out = grouped_attention(q, k, v, groups, layout.token_order(), key_valid, backend, text_queries(layout))
+    ref = _reference_per_head(q, k, v, specs, layout, key_valid)
+    assert (out.double() - ref).abs().max() < 2e-5
+    # the two orders really differ: the temporal heads' result on the raster order is another one
+    wrong = _reference_per_head(q, k, v, [{**sv.masks.normalize_spec(s), "order": "fhw"} if s != "dense" else s
+                                          for s in specs], layout, key_valid)
+    assert (wrong - ref)[:, :, [1, 3]].abs().max() > 1e-3

@@ -80,6 +80,10 @@ PLAN_LAYOUTS = {  # spec, layout options of the plan
     "raster": ({"kind": "radial_attn", "block": 16}, {"tile": (0, 0, 0), "block": 16}),
     "position-major": ({"kind": "svg_temporal", "block": 16, "width_frames": 0.5},
                        {"tile": (0, 0, 0), "block": 16, "order": "hwf"}),
+    # per-head specs: SVG's spatial heads raster, its temporal heads position-major (their own order)
+    "two orders": ([{"kind": "svg_spatial", "block": 16, "width_frames": 0.5}, "dense",
+                    {"kind": "svg_temporal", "block": 16, "width_frames": 0.5},
+                    {"kind": "svg_temporal", "block": 16, "width_frames": 0.5}], {"tile": (0, 0, 0), "block": 16}),
 }
 
 
@@ -89,7 +93,8 @@ def test_sparse_path_matches_layout_reference(model, which):
     the same token pairs (float64 reference on the layer's q, k, v), on the plan's layout."""
     x, e = _inputs(B=1, frames=3, size=16)
     spec, options = PLAN_LAYOUTS[which]
-    plan = sv.uniform_plan(model, spec, **options)
+    specs = spec if isinstance(spec, list) else [spec] * 4
+    plan = sv.SparsityPlan(heads=[specs] * 3, **options, model=sv.dense_plan(model).model)
     proc = sv.apply(model, plan)
     captured = {}
     adapter = proc.binding().adapter
@@ -111,8 +116,12 @@ def test_sparse_path_matches_layout_reference(model, which):
     q, k, v, o = (t.transpose(1, 2).double() for t in captured["qkvo"])
     layout = sv.VideoLayout(3, 8, 8, **options)
     assert proc.cached_layouts() == [layout]
-    blk = layout.block_of_token()
-    allowed = sv.masks.block_matrix(spec, layout)[blk][:, blk]
+    allowed = []
+    for head_spec in specs:  # each head on its spec's layout
+        lay = sv.masks.spec_layout(head_spec, layout)
+        blk = lay.block_of_token()
+        allowed.append(sv.masks.block_matrix(head_spec, lay)[blk][:, blk])
+    allowed = torch.stack(allowed)
     assert 0.05 < allowed.double().mean() < 0.95
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v

@@ -171,6 +171,7 @@ def test_our_mask_covers_the_peer_and_matches_its_density_when_aligned(kind, ove
                "tile 1x4x4": sv.VideoLayout(*grid, tile=(1, 4, 4)),
                "tile 2x2x4 + text": sv.VideoLayout(*grid, tile=(2, 2, 4), text_len=5)}
     for name, layout in layouts.items():
+        layout = sv.masks.spec_layout(spec, layout)  # svg_temporal's heads run position-major
         mask = sv.masks.build(spec, layout)
         ours = our_tokens(mask, layout)
         recall = float((ours & ref).sum()) / float(ref.sum())

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..integration import AttentionStrategy, LayerSlot, SparseAttnProcessor, adapter_for, apply, dense_plan, remove
-from ..masks import block_matrix, ladder, normalize_spec, sink_blocks, spec_name
+from ..masks import block_matrix, ladder, normalize_spec, sink_blocks, spec_layout, spec_name
 from ..ops import BlockSparseMask, default_backend, dense_attention
 from ..plan import SparsityPlan, model_fingerprint
 from .measure import (LayerMeasurement, head_errors, layer_attention_mass, mass_inside, option_names, sink_frames,
@@ -64,27 +64,33 @@ class MeasuringAttention(AttentionStrategy):
     def _measure(self, layer, step, layout, q, k, v, o, key_valid, backend):
         device = q.device
         heads = q.shape[2]
-        mass = layer_attention_mass(q, k, layout, key_valid, backend=backend)
+        # A candidate with its own ``order`` is measured on its own layout (mask, order and mass).
+        layouts = [spec_layout(c, layout) for c in self.candidates]
+        masses = {layout: layer_attention_mass(q, k, layout, key_valid, backend=backend)}
+        for lay in layouts:
+            if lay not in masses:
+                masses[lay] = layer_attention_mass(q, k, lay, key_valid, backend=backend)
+        mass = masses[layout]
         sinks = sink_frames(mass, layout, self.sink_factor)
         key = (layout, str(device), heads)
         if key not in self._cand_masks:
             if len(self._cand_masks) >= _MAX_CACHED:
                 self._cand_masks.clear()
-            blocks = [block_matrix(c, layout).to(device) for c in self.candidates]
-            masks = [BlockSparseMask.from_dense(b.expand(heads, -1, -1), layout.block_size).for_token_order(
-                layout.order_digest) for b in blocks]
+            blocks = [block_matrix(c, lay).to(device) for c, lay in zip(self.candidates, layouts)]
+            masks = [BlockSparseMask.from_dense(b.expand(heads, -1, -1), lay.block_size).for_token_order(
+                lay.order_digest) for b, lay in zip(blocks, layouts)]
             self._cand_masks[key] = (blocks, masks)
         blocks, masks = self._cand_masks[key]
-        order = layout.token_order(device)
-        errors = head_errors(q, k, v, o, masks, order, backend, key_valid)  # [C, H]
+        orders = [lay.token_order(device) for lay in layouts]
+        errors = head_errors(q, k, v, o, masks, orders, backend, key_valid)  # [C, H]
         if any(sinks):
             # Sink-aware variants: each candidate with each head's own sink frames always visited.
-            sink_masks = [self._with_sinks(b, sinks, layout, device) for b in blocks]
-            sink_errors = head_errors(q, k, v, o, sink_masks, order, backend, key_valid)
+            sink_masks = [self._with_sinks(b, sinks, lay, device) for b, lay in zip(blocks, layouts)]
+            sink_errors = head_errors(q, k, v, o, sink_masks, orders, backend, key_valid)
         else:  # no sinks found: the sink-aware variants are the candidates themselves
             sink_masks, sink_errors = masks, errors
         all_masks = masks + sink_masks  # the order of option_names
-        inside = torch.stack([mass_inside(mass, m) for m in all_masks])  # [2C, H]
+        inside = torch.stack([mass_inside(masses[lay], m) for m, lay in zip(all_masks, layouts + layouts)])  # [2C, H]
         self.records.append(LayerMeasurement(
             layer=layer, step=step, options=self.options,
             errors=torch.cat([errors, sink_errors]).cpu().tolist(),

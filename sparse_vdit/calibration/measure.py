@@ -56,14 +56,16 @@ class LayerMeasurement:
 
 def head_errors(q, k, v, o_dense, masks: list[BlockSparseMask], order, backend, key_valid=None) -> torch.Tensor:
     """float [C, H]: per candidate mask and head, the relative output error against dense, worst over
-    the batch. q, k, v, o_dense: [B, N, H, D]. Rows of padded (invalid) queries are left out."""
+    the batch. q, k, v, o_dense: [B, N, H, D]. Rows of padded (invalid) queries are left out.
+    ``order``: the token order of the masks' layout, or a list of them, one per mask."""
+    orders = order if isinstance(order, (list, tuple)) else [order] * len(masks)
     ref = o_dense.float()
     if key_valid is not None:
         ref = ref * key_valid[:, :, None, None]
     ref_norm = ref.pow(2).sum(dim=(1, 3)).sqrt().clamp(min=1e-12)  # [B, H]
     out = []
-    for mask in masks:
-        o = sparse_attention(q, k, v, mask, order, key_valid=key_valid, backend=backend).float()
+    for mask, mask_order in zip(masks, orders):
+        o = sparse_attention(q, k, v, mask, mask_order, key_valid=key_valid, backend=backend).float()
         if key_valid is not None:
             o = o * key_valid[:, :, None, None]
         err = (o - ref).pow(2).sum(dim=(1, 3)).sqrt() / ref_norm  # [B, H]

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..masks import VideoLayout, block_matrix, build
+from ..masks import VideoLayout, block_matrix, build, mask_layout, spec_layout
 from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
 from ..plan import SparsityPlan
 from .adapters import ModelAdapter, adapter_for, check_plan
@@ -40,10 +40,12 @@ MAX_CACHED_LAYOUTS = 4  # masks are kept for this many (layout, device) pairs, l
 @dataclass(frozen=True, eq=False)
 class HeadGroup:
     """Heads of a layer that share one mask: ``mask`` is a one-row (broadcast) mask shared by every
-    layer with that spec, None for dense heads; ``heads`` the head indices (None: every head)."""
+    layer with that spec, None for dense heads; ``heads`` the head indices (None: every head);
+    ``token_order`` the order of the spec's layout when it is not the slot's (a spec's ``order``)."""
 
     mask: BlockSparseMask | None
     heads: torch.Tensor | None
+    token_order: torch.Tensor | None = None
 
 
 def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None, text=None) -> torch.Tensor:
@@ -55,7 +57,8 @@ def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None
     def run(g, qq, kk, vv):
         if g.mask is None:
             return dense_attention(qq, kk, vv, key_valid=key_valid)
-        return sparse_attention(qq, kk, vv, g.mask, token_order, key_valid=key_valid, backend=backend)
+        order = token_order if g.token_order is None else g.token_order
+        return sparse_attention(qq, kk, vv, g.mask, order, key_valid=key_valid, backend=backend)
 
     if len(groups) == 1 and groups[0].heads is None:
         out = run(groups[0], q, k, v)
@@ -93,7 +96,8 @@ class LayerSlot:
     step: int = 0
     # Under diffusers' context parallelism (Ulysses): this rank's group, else None.
     ulysses: Ulysses | None = None
-    full_mask: BlockSparseMask | None = None  # the layer's mask over all heads (for Ulysses)
+    full_mask: BlockSparseMask | None = None  # the layer's mask over all heads (for Ulysses) ...
+    full_order: torch.Tensor | None = None  # ... and the token order of its layout
 
 
 @dataclass(eq=False)
@@ -148,7 +152,7 @@ class SparseAttention(AttentionStrategy):
             u, heads = slot.ulysses, q.shape[2]
             qh, kh, vh = (sequence_to_heads(x, u) for x in (q, k, v))
             kv = None if key_valid is None else key_valid  # the full sequence's keys (replicated inputs)
-            o = sparse_attention(qh, kh, vh, local_heads(slot.full_mask, u, heads), slot.token_order, key_valid=kv,
+            o = sparse_attention(qh, kh, vh, local_heads(slot.full_mask, u, heads), slot.full_order, key_valid=kv,
                                  backend=backend)
             return heads_to_sequence(o, u, heads)
         return grouped_attention(q, k, v, slot.groups, slot.token_order, key_valid, backend, text_queries(slot.layout))
@@ -322,7 +326,15 @@ class SparseAttnProcessor:
                 slot.stock._parallel_config = parallel_config  # dense layers run diffusers' own parallel attention
             sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
             slot.groups = self.head_groups(slot.layer, binding.layout, device) if sparse else None
-            slot.full_mask = self.mask_for(slot.layer, binding.layout, device) if sparse and ulysses else None
+            slot.full_mask = slot.full_order = None
+            if sparse and ulysses:  # a rank takes its heads' rows of the layer's whole mask
+                try:
+                    full_layout = mask_layout(self.plan.layer_specs(slot.layer), binding.layout)
+                except ValueError as e:
+                    raise ValueError(f"layer {slot.layer} under Ulysses context parallelism: {e}; heads on "
+                                     "different token orders are not supported there yet") from None
+                slot.full_mask = self.mask_for(slot.layer, binding.layout, device)
+                slot.full_order = full_layout.token_order(device)
             slot.token_order = order
             slot.layout = binding.layout
             slot.step = binding.step
@@ -389,7 +401,9 @@ class SparseAttnProcessor:
         cache = self._layout_cache(layout, device)
         key = "spec:" + spec_key
         if key not in cache:
-            blocks = block_matrix(json.loads(spec_key), layout, device)
+            spec = json.loads(spec_key)
+            layout = spec_layout(spec, layout)
+            blocks = block_matrix(spec, layout, device)
             if layout.text_len:  # text queries run dense beside the kernel (grouped_attention)
                 blocks = blocks.clone()
                 blocks[layout.num_video_blocks:] = False
@@ -404,10 +418,14 @@ class SparseAttnProcessor:
         if key not in cache:
             groups = self._head_groups[layer]
             whole = len(groups) == 1
-            cache[key] = tuple(
-                HeadGroup(None if json.loads(k)["kind"] == "dense" else self.pattern_mask(k, layout, device),
-                          None if whole else torch.tensor(heads, device=device))
-                for k, heads in groups)
+            made = []
+            for k, heads in groups:
+                spec = json.loads(k)
+                own = spec_layout(spec, layout)
+                made.append(HeadGroup(None if spec["kind"] == "dense" else self.pattern_mask(k, layout, device),
+                                      None if whole else torch.tensor(heads, device=device),
+                                      None if own == layout else own.token_order(device)))
+            cache[key] = tuple(made)
         return cache[key]
 
     def cached_mask_bytes(self, layout: VideoLayout, device, tile_rows: int | None = None) -> int:

@@ -2,7 +2,7 @@
 their own token partitions (``peers``)."""
 from . import peers
 from .families import (DEFAULTS, FAMILIES, KINDS, MaskFamily, block_matrix, build, ladder, normalize_spec, radial_rule,
-                       register_family, sink_blocks, spec_name, video_blocks)
+                       mask_layout, register_family, sink_blocks, spec_layout, spec_name, video_blocks)
 from .layout import VideoLayout, check_tile
 
 __all__ = [
@@ -20,6 +20,8 @@ __all__ = [
     "register_family",
     "sink_blocks",
     "spec_name",
+    "spec_layout",
+    "mask_layout",
     "video_blocks",
     "peers",
 ]

@@ -2,7 +2,10 @@
 
 A spec is a small JSON-able dict ``{"kind": ..., params}``; a bare name uses the defaults. Every
 spec may carry ``"sinks": {"frames": [...], "tokens": [[start, end], ...]}``: key blocks holding
-those latent frames / model token ranges are visited by every query. Text tokens (when the layout
+those latent frames / model token ranges are visited by every query. A sparse spec may carry
+``"order": "fhw" | "hwf"``: its heads run on the layout with that axis order instead of the plan's
+(``spec_layout``), as Sparse VideoGen runs its temporal heads position-major (``svg_temporal``'s
+default). Text tokens (when the layout
 has them) are always handled the same way: text keys visited by every query, text queries dense.
 
 Our own families are rules on tile distances: ``dt``, ``dh``, ``dw`` are the absolute differences
@@ -23,7 +26,9 @@ import torch
 
 from ..ops import BlockSparseMask
 from . import peers
-from .layout import VideoLayout, check_block
+import dataclasses
+
+from .layout import VideoLayout, check_block, check_order
 
 Spec = dict[str, Any]
 # rule(dt, dh, dw) -> bool "visit", on tile-distance tensors
@@ -101,6 +106,8 @@ def _check_union(spec: Spec) -> None:
     if not isinstance(spec["of"], (list, tuple)) or not spec["of"]:
         raise ValueError("union needs a non-empty list 'of' specs")
     spec["of"] = [normalize_spec(s) for s in spec["of"]]
+    if any("order" in s for s in spec["of"]):
+        raise ValueError("the specs of a union share one token order: give 'order' on the union, not its members")
 
 
 def _ints(kind: str, name: str, value, length: int, minimum: int) -> list[int]:
@@ -203,11 +210,11 @@ register_family(MaskFamily(
     ladder=({"width_frames": 0.5}, {"width_frames": 1.0}, {"width_frames": 1.5}, {"width_frames": 2.5}),
     doc="Sparse VideoGen's spatial head: a band of width_frames frames of raster 128-token blocks"))
 register_family(MaskFamily(
-    "svg_temporal", {"width_frames": 1.5, "block": 128}, check=_check_svg("svg_temporal"),
+    "svg_temporal", {"width_frames": 1.5, "block": 128, "order": "hwf"}, check=_check_svg("svg_temporal"),
     label=lambda s: f"svg_temporal({s['width_frames']:g})", peer=lambda s, lay: peers.svg_temporal(s, lay),
     ladder=({"width_frames": 0.5}, {"width_frames": 1.0}, {"width_frames": 1.5}, {"width_frames": 2.5}),
-    doc="Sparse VideoGen's temporal head: the same band on the position-major sequence; exact on "
-        "order='hwf'"))
+    doc="Sparse VideoGen's temporal head: the same band on the position-major sequence; its heads run "
+        "position-major (order 'hwf'), exact on raster tiles"))
 register_family(MaskFamily(
     "svd_diagonal", {"width": 256, "block": 64}, check=_check_svd("svd_diagonal", ("width",)),
     label=lambda s: f"svd_diagonal({s['width']})", peer=lambda s, lay: peers.svd_diagonal(s, lay),
@@ -240,12 +247,14 @@ def normalize_spec(spec: str | Spec) -> Spec:
     family = FAMILIES.get(kind) if isinstance(kind, str) else None
     if family is None:
         raise ValueError(f"unknown mask kind {kind!r}; valid kinds: {list(FAMILIES)}")
-    allowed = set(family.defaults) | {"kind", "sinks"}
+    allowed = set(family.defaults) | {"kind", "sinks"} | ({"order"} if kind != "dense" else set())
     unknown = set(spec) - allowed
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for mask kind {kind!r}; valid: {sorted(allowed - {'kind'})}")
     out = {"kind": kind, **copy.deepcopy(family.defaults), **{k: v for k, v in spec.items() if k != "kind"}}
     family.check(out)
+    if "order" in out:
+        check_order(out["order"])
     if "sinks" in out:
         sinks = out["sinks"]
         if not isinstance(sinks, dict) or set(sinks) - set(_SINK_KEYS):
@@ -261,7 +270,15 @@ def normalize_spec(spec: str | Spec) -> Spec:
 def spec_name(spec: str | Spec) -> str:
     """Short human-readable name, e.g. 'sliding_tile(3,3,3)+sinks'."""
     s = normalize_spec(spec)
-    return FAMILIES[s["kind"]].label(s) + ("+sinks" if s.get("sinks") else "")
+    family = FAMILIES[s["kind"]]
+    order = f"@{s['order']}" if "order" in s and s["order"] != family.defaults.get("order") else ""
+    return family.label(s) + order + ("+sinks" if s.get("sinks") else "")
+
+
+def spec_layout(spec: str | Spec, layout: VideoLayout) -> VideoLayout:
+    """The layout a spec's heads run on: ``layout``, with the spec's ``order`` where it has one."""
+    order = normalize_spec(spec).get("order")
+    return layout if order is None or order == layout.order else dataclasses.replace(layout, order=order)
 
 
 def ladder(kind: str) -> list[Spec]:
@@ -320,6 +337,7 @@ def block_matrix(spec: str | Spec, layout: VideoLayout, device: torch.device | s
     ``device`` (default CPU) and cached per spec, layout and device (least recently used dropped:
     layers of a plan share their heads' patterns). The result is shared: do not modify it in place."""
     spec = normalize_spec(spec)
+    layout = spec_layout(spec, layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
     key = (json.dumps(spec, sort_keys=True), layout, str(device))
     cached = _BLOCK_MATRICES.get(key)
@@ -380,7 +398,8 @@ def build(
     device: torch.device | str | None = None,
 ) -> BlockSparseMask:
     """Build a ``BlockSparseMask`` ``[1, H, M, M]`` from one spec (shared by ``heads`` heads, or
-    broadcast when ``heads`` is None) or a list of specs, one per head."""
+    broadcast when ``heads`` is None) or a list of specs, one per head. The mask is on
+    ``mask_layout(specs, layout)`` (a spec's ``order`` applied): pass that layout's token order."""
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a VideoLayout, got {type(layout).__name__}")
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
@@ -393,6 +412,17 @@ def build(
         specs = [spec] * (heads or 1)
     if not specs:
         raise ValueError("need at least one spec")
+    layout = mask_layout(specs, layout)
     mats = [block_matrix(s, layout, device) for s in specs]  # built on the device, shared across calls
     blocks = torch.stack(mats).unsqueeze(0)
     return BlockSparseMask.from_dense(blocks, layout.block_size).for_token_order(layout.order_digest)
+
+
+def mask_layout(specs: Sequence[str | Spec], layout: VideoLayout) -> VideoLayout:
+    """The one layout per-head ``specs`` can share in a mask: their ``order`` (dense heads follow the
+    others); raises ValueError when sparse specs ask for different orders."""
+    layouts = {spec_layout(s, layout) for s in specs if normalize_spec(s)["kind"] != "dense"}
+    if len(layouts) > 1:
+        raise ValueError(f"these specs run on different token orders ({sorted(x.order for x in layouts)}), so one "
+                         "mask cannot hold them; build one mask per order (the processor groups heads by spec)")
+    return layouts.pop() if layouts else layout
