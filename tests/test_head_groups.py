@@ -95,3 +95,40 @@ def test_heads_on_their_own_token_order(backend):
     wrong = _reference_per_head(q, k, v, [{**sv.masks.normalize_spec(s), "order": "fhw"} if s != "dense" else s
                                           for s in specs], layout, key_valid)
     assert (wrong - ref)[:, :, [1, 3]].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+def test_ulysses_rank_groups_equal_the_rank_heads_of_the_full_result(degree):
+    """Under Ulysses a rank runs the head groups of its contiguous chunk of heads (padded to a multiple
+    of the degree): its output equals those heads of the single-process result."""
+    layout = sv.VideoLayout(4, 5, 6, (0, 0, 0), block=16, text_len=5)
+    specs = [{"kind": "svg_spatial", "block": 16, "width_frames": 0.6}, "dense",
+             {"kind": "svg_temporal", "block": 16, "width_frames": 0.6}, {"kind": "svg_spatial", "block": 16,
+                                                                          "width_frames": 0.6}, "dense"]
+    proc = sv.SparseAttnProcessor(sv.SparsityPlan(heads=[specs], tile=(0, 0, 0), block=16))
+    g = torch.Generator().manual_seed(3)
+    B, N, H, D = 1, layout.seq_len, len(specs), 16
+    q, k, v = (torch.randn(B, N, H, D, generator=g) for _ in range(3))
+    order = layout.token_order()
+    full = grouped_attention(q, k, v, proc.head_groups(0, layout, "cpu"), order, None, "torch", text_queries(layout))
+    per = -(-H // degree)
+    pad = per * degree - H
+    qp, kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    for rank in range(degree):
+        groups = proc.head_groups(0, layout, "cpu", degree, rank)
+        covered = sorted(h for gr in groups for h in (gr.heads.tolist() if gr.heads is not None else range(per)))
+        assert covered == list(range(per))  # every local head, padded ones included, in exactly one group
+        sl = slice(rank * per, (rank + 1) * per)
+        o = grouped_attention(qp[:, :, sl], kp[:, :, sl], vp[:, :, sl], groups, order, None, "torch", text_queries(layout))
+        real = min(per, H - rank * per)
+        assert torch.allclose(o[:, :, :real], full[:, :, sl][:, :, :real], atol=1e-6)
+        assert torch.isfinite(o).all()
+
+
+def test_head_densities_equal_the_mask_and_take_each_heads_order():
+    layout = sv.VideoLayout(4, 5, 6, (0, 0, 0), block=16, text_len=5)
+    same = ["temporal", {"kind": "svg_spatial", "block": 16}, "dense"]
+    assert torch.allclose(sv.masks.head_densities(same, layout), sv.masks.build(same, layout).head_density())
+    mixed = same + [{"kind": "svg_temporal", "block": 16}]
+    hwf = sv.masks.spec_layout(mixed[-1], layout)
+    assert sv.masks.head_densities(mixed, layout)[-1] == sv.masks.build(mixed[-1:], hwf).head_density()[0]

@@ -90,7 +90,7 @@ def run(args, p) -> int:
     total = 0.0
     for layer in range(plan.num_layers):
         specs = plan.layer_specs(layer)
-        dens = sv.masks.build(specs, layout).head_density().tolist()
+        dens = sv.masks.head_densities(specs, layout).tolist()
         total += sum(dens)
         dense_heads = sum(s["kind"] == "dense" for s in specs)
         print(f"  layer {layer:3d}: mean density {sum(dens) / len(dens):.3f}, dense heads {dense_heads}/{len(specs)}")

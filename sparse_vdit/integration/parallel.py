@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..ops import BlockSparseMask
-
 
 @dataclass(frozen=True)
 class Ulysses:
@@ -82,28 +80,14 @@ def heads_to_sequence(x: torch.Tensor, u: Ulysses, heads: int) -> torch.Tensor:
     return x[:, :, :heads]
 
 
-def local_heads(mask: BlockSparseMask, u: Ulysses, heads: int) -> BlockSparseMask:
-    """The rows of ``mask`` for this rank's heads (a broadcast mask stays broadcast); padded heads
-    reuse the last real head's rows (their q, k and v are zeros; their output is dropped)."""
-    if mask.heads == 1:
-        return mask
-    key = ("ulysses", u.degree, u.rank)
-    if key not in mask._derived:
-        per = -(-heads // u.degree)
-        idx = torch.arange(u.rank * per, (u.rank + 1) * per, device=mask.device).clamp(max=heads - 1)
-        mask._derived[key] = BlockSparseMask(mask.kv_counts[:, idx].contiguous(), mask.kv_indices[:, idx].contiguous(),
-                                             mask.q_block, mask.kv_block, mask.num_kv_blocks, mask.token_order_digest)
-    return mask._derived[key]
-
-
 def head_imbalance(plan, layout, degree: int) -> list[dict]:
     """Per layer, the share of visited key blocks each of ``degree`` Ulysses ranks computes (heads split
     in contiguous chunks, padded heads visiting nothing) and the imbalance max / mean (1 = balanced)."""
-    from ..masks import build
+    from ..masks import head_densities
 
     rows = []
     for layer in range(plan.num_layers):
-        density = build(plan.layer_specs(layer), layout).head_density()  # [H]
+        density = head_densities(plan.layer_specs(layer), layout)  # [H], each head on its own order
         H = density.numel()
         per = -(-H // degree)
         padded = torch.nn.functional.pad(density, (0, per * degree - H))

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from ..masks import VideoLayout, block_matrix, build, mask_layout, spec_layout
+from ..masks import VideoLayout, block_matrix, build, spec_layout
 from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
 from ..plan import SparsityPlan
 from .adapters import ModelAdapter, adapter_for, check_plan
-from .parallel import Ulysses, heads_to_sequence, local_heads, sequence_to_heads, ulysses_of
+from .parallel import Ulysses, heads_to_sequence, sequence_to_heads, ulysses_of
 
 _SLOT = "_sparse_vdit_slot"
 MAX_CACHED_LAYOUTS = 4  # masks are kept for this many (layout, device) pairs, least recently used dropped
@@ -96,8 +96,6 @@ class LayerSlot:
     step: int = 0
     # Under diffusers' context parallelism (Ulysses): this rank's group, else None.
     ulysses: Ulysses | None = None
-    full_mask: BlockSparseMask | None = None  # the layer's mask over all heads (for Ulysses) ...
-    full_order: torch.Tensor | None = None  # ... and the token order of its layout
 
 
 @dataclass(eq=False)
@@ -152,8 +150,7 @@ class SparseAttention(AttentionStrategy):
             u, heads = slot.ulysses, q.shape[2]
             qh, kh, vh = (sequence_to_heads(x, u) for x in (q, k, v))
             kv = None if key_valid is None else key_valid  # the full sequence's keys (replicated inputs)
-            o = sparse_attention(qh, kh, vh, local_heads(slot.full_mask, u, heads), slot.full_order, key_valid=kv,
-                                 backend=backend)
+            o = grouped_attention(qh, kh, vh, slot.groups, slot.token_order, kv, backend, text_queries(slot.layout))
             return heads_to_sequence(o, u, heads)
         return grouped_attention(q, k, v, slot.groups, slot.token_order, key_valid, backend, text_queries(slot.layout))
 
@@ -325,16 +322,12 @@ class SparseAttnProcessor:
             if parallel_config is not None and hasattr(slot.stock, "_parallel_config"):
                 slot.stock._parallel_config = parallel_config  # dense layers run diffusers' own parallel attention
             sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
-            slot.groups = self.head_groups(slot.layer, binding.layout, device) if sparse else None
-            slot.full_mask = slot.full_order = None
-            if sparse and ulysses:  # a rank takes its heads' rows of the layer's whole mask
-                try:
-                    full_layout = mask_layout(self.plan.layer_specs(slot.layer), binding.layout)
-                except ValueError as e:
-                    raise ValueError(f"layer {slot.layer} under Ulysses context parallelism: {e}; heads on "
-                                     "different token orders are not supported there yet") from None
-                slot.full_mask = self.mask_for(slot.layer, binding.layout, device)
-                slot.full_order = full_layout.token_order(device)
+            if not sparse:
+                slot.groups = None
+            elif ulysses is None:
+                slot.groups = self.head_groups(slot.layer, binding.layout, device)
+            else:  # this rank's heads after the all-to-all
+                slot.groups = self.head_groups(slot.layer, binding.layout, device, ulysses.degree, ulysses.rank)
             slot.token_order = order
             slot.layout = binding.layout
             slot.step = binding.step
@@ -371,7 +364,7 @@ class SparseAttnProcessor:
         """The layer's BlockSparseMask over all its heads on ``layout`` (built once per layout and spec
         set, then cached; the masks of the least recently used layout go beyond ``MAX_CACHED_LAYOUTS``).
         Sparse forwards use :meth:`head_groups` instead, whose masks layers share; this one is for
-        context parallelism (a rank takes its heads' rows), pictures and benchmarks."""
+        pictures, inspection and benchmarks."""
         per_layer = self._layout_cache(layout, device)
         key = "layer:" + self._layer_keys[layer]
         mask = per_layer.get(key)
@@ -410,13 +403,29 @@ class SparseAttnProcessor:
             cache[key] = BlockSparseMask.from_dense(blocks[None], layout.block_size).for_token_order(layout.order_digest)
         return cache[key]
 
-    def head_groups(self, layer: int, layout: VideoLayout, device) -> tuple[HeadGroup, ...]:
+    def head_groups(self, layer: int, layout: VideoLayout, device, degree: int = 1,
+                    rank: int = 0) -> tuple[HeadGroup, ...]:
         """What a sparse forward of ``layer`` uses: its heads grouped by spec, each group with the
-        spec's shared one-row mask (None for dense heads, which run SDPA); cached per layout."""
+        spec's shared one-row mask (None for dense heads, which run SDPA); cached per layout.
+
+        Under Ulysses (``degree`` ranks) the groups of rank ``rank``'s contiguous chunk of heads, in
+        local head numbers; heads padded to a multiple of ``degree`` join the first masked group
+        (their q, k and v are zeros and their output is dropped)."""
         cache = self._layout_cache(layout, device)
-        key = f"groups:{layer}"
+        key = f"groups:{layer}:{degree}:{rank}"
         if key not in cache:
             groups = self._head_groups[layer]
+            if degree > 1:
+                H = sum(len(h) for _, h in groups)
+                per = -(-H // degree)
+                lo = rank * per
+                local = [(k, [h - lo for h in heads if lo <= h < lo + per]) for k, heads in groups]
+                local = [(k, heads) for k, heads in local if heads]
+                padded = list(range(max(H - lo, 0), per))
+                if padded:
+                    i = next((i for i, (k, _) in enumerate(local) if json.loads(k)["kind"] != "dense"), 0)
+                    local[i] = (local[i][0], local[i][1] + padded)
+                groups = local
             whole = len(groups) == 1
             made = []
             for k, heads in groups:

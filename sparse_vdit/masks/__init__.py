@@ -2,7 +2,7 @@
 their own token partitions (``peers``)."""
 from . import peers
 from .families import (DEFAULTS, FAMILIES, KINDS, MaskFamily, block_matrix, build, ladder, normalize_spec, radial_rule,
-                       mask_layout, register_family, sink_blocks, spec_layout, spec_name, video_blocks)
+                       head_densities, mask_layout, register_family, sink_blocks, spec_layout, spec_name, video_blocks)
 from .layout import VideoLayout, check_tile
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "spec_name",
     "spec_layout",
     "mask_layout",
+    "head_densities",
     "video_blocks",
     "peers",
 ]

@@ -418,6 +418,12 @@ def build(
     return BlockSparseMask.from_dense(blocks, layout.block_size).for_token_order(layout.order_digest)
 
 
+def head_densities(specs: Sequence[str | Spec], layout: VideoLayout) -> torch.Tensor:
+    """float64 ``[H]``: the block density of each head's spec, each on its own layout (``spec_layout``),
+    as ``build(specs, layout).head_density()`` gives when the specs share one order."""
+    return torch.tensor([float(block_matrix(s, layout).double().mean()) for s in specs], dtype=torch.float64)
+
+
 def mask_layout(specs: Sequence[str | Spec], layout: VideoLayout) -> VideoLayout:
     """The one layout per-head ``specs`` can share in a mask: their ``order`` (dense heads follow the
     others); raises ValueError when sparse specs ask for different orders."""
