@@ -22,16 +22,20 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 @pytest.fixture
 def nan_empty(monkeypatch):
-    """Fill every floating tensor from torch.empty with NaN, so output a kernel fails to write shows."""
-    real_empty = torch.empty
+    """Fill every floating tensor from torch.empty / empty_like / Tensor.new_empty with NaN, so output
+    a kernel or backend fails to write shows (flash-linear-attention's habit)."""
+    def poison(real):
+        def poisoned(*args, **kwargs):
+            t = real(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            return t
 
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
+        return poisoned
 
-    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty", poison(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poison(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poison(torch.Tensor.new_empty))
     yield
 
 

@@ -11,23 +11,44 @@ from sparse_vdit.testing import tiny_wan_transformer
 from .conftest import requires_cuda
 
 
-def _compiled_run(device, dtype, backend):
+def _compiled_run(device, dtype, backend, attention_backend=None, cold=False):
+    """Eager and block-compiled outputs over four steps; ``cold``: compile before any eager forward
+    (so nothing a sparse call derives from its masks was computed outside the compiled graph)."""
     torch._dynamo.reset()
     m = tiny_wan_transformer(num_layers=3).to(device, dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 3, 16, 16, generator=g).to(device, dtype)
     e = torch.randn(1, 10, 64, generator=g).to(device, dtype)
     plan = sv.uniform_plan(m, "radial", tile=(1, 4, 4), dense_layers=[-1], dense_steps=1)
-    sv.apply(m, plan)
     steps = (900, 800, 700, 600)
     with torch.no_grad():
-        eager = [m(x, torch.tensor([t], device=device), e).sample for t in steps]
+        if not cold:
+            sv.apply(m, plan, backend=attention_backend)
+            eager = [m(x, torch.tensor([t], device=device), e).sample for t in steps]
+            sv.remove(m)
+        sv.apply(m, plan, backend=attention_backend)
         counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
-        for i, block in enumerate(m.blocks):
+        blocks = list(m.blocks)
+        for i, block in enumerate(blocks):
             m.blocks[i] = torch.compile(block, fullgraph=True, backend=counter)  # fullgraph: a break raises
         compiled = [m(x, torch.tensor([t], device=device), e).sample for t in steps]
+        if cold:
+            sv.remove(m)
+            for i, block in enumerate(blocks):
+                m.blocks[i] = block
+            sv.apply(m, plan, backend=attention_backend)
+            eager = [m(x, torch.tensor([t], device=device), e).sample for t in steps]
     sv.remove(m)
     return eager, compiled, counter.frame_count
+
+
+def test_cold_compile_with_the_triton_backend_does_not_recompile():
+    """The tiled kernel's query-tile lists are derived when the processor builds a mask, not inside
+    the first compiled call (where deriving them broke the graph, or recompiled it once its cache changed)."""
+    eager, compiled, frames = _compiled_run("cpu", torch.float32, "aot_eager", attention_backend="triton", cold=True)
+    assert frames == 2
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_compile_blocks_cpu():

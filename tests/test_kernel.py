@@ -9,6 +9,9 @@ from sparse_vdit.ops import BlockSparseMask, block_sparse_attention
 from .conftest import DEVICE, requires_cuda
 from .helpers import check_against_reference, rand_qkv, random_blocks
 
+# Every backend test runs with torch.empty poisoned (NaN): a row a backend fails to write shows.
+pytestmark = pytest.mark.usefixtures("nan_empty")
+
 # Under the interpreter bf16 dot products are broken (see ENVIRONMENT.md): fp16/fp32 on the CPU.
 CPU_DTYPES = [torch.float16, torch.float32]
 BACKENDS = ["triton", "triton_gather", "torch"]

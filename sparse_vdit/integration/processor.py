@@ -29,6 +29,7 @@ import torch
 
 from ..masks import VideoLayout, block_matrix, build, spec_layout
 from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
+from ..ops.attention import tiled_kernel_rows
 from ..plan import SparsityPlan
 from .adapters import ModelAdapter, adapter_for, check_plan
 from .parallel import Ulysses, heads_to_sequence, sequence_to_heads, ulysses_of
@@ -400,8 +401,17 @@ class SparseAttnProcessor:
             if layout.text_len:  # text queries run dense beside the kernel (grouped_attention)
                 blocks = blocks.clone()
                 blocks[layout.num_video_blocks:] = False
-            cache[key] = BlockSparseMask.from_dense(blocks[None], layout.block_size).for_token_order(layout.order_digest)
+            mask = BlockSparseMask.from_dense(blocks[None], layout.block_size).for_token_order(layout.order_digest)
+            self._prepare(mask, device)
+            cache[key] = mask
         return cache[key]
+
+    def _prepare(self, mask: BlockSparseMask, device) -> None:
+        """Derive now, while building, what the backends read from a mask per call (its density, the
+        tiled kernel's query-tile lists), so a sparse call, or a compiled graph, only looks them up."""
+        mask.density()
+        if (self.backend or default_backend(torch.device(device))) in ("triton", "auto"):
+            mask.query_tiles(tiled_kernel_rows(mask.q_block))
 
     def head_groups(self, layer: int, layout: VideoLayout, device, degree: int = 1,
                     rank: int = 0) -> tuple[HeadGroup, ...]:

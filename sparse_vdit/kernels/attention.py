@@ -17,13 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E_PY, autotune_configs, head_dim_block, load_query_block, online_softmax_finish,
-                     online_softmax_step, token_index)
+from .common import (LOG2E_PY, arch_pruner, autotune_configs, head_dim_block, load_query_block,
+                     online_softmax_finish, online_softmax_step, token_index)
 
 
 # The autotune key holds head_dim and the block shape (Triton adds the tensor dtypes itself); never
 # the sequence length, so a new resolution or frame count does not re-tune.
-@triton.autotune(configs=autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"])
+@triton.autotune(configs=autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"],
+                 prune_configs_by={"early_config_prune": arch_pruner("gather")}, cache_results=True)
 @triton.jit
 def block_sparse_attention_fwd_kernel(
     q, k, v, o, lse,
@@ -42,8 +43,9 @@ def block_sparse_attention_fwd_kernel(
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
+    # int64: batch x batch-stride passes 2**31 elements at HunyuanVideo / Wan-14B sizes from batch 7.
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)  # [BN]
     b_q, i_q, m_q, o_d, m_d = load_query_block(q, token_order, i_b, i_h, i_m, stride_qb, stride_qh, stride_qn,
                                                stride_qd, N, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ORDER)
@@ -99,8 +101,10 @@ def block_sparse_attention_fwd(
     Returns o: [B, H, N, D] in q's dtype and lse: fp32 [B, H, N].
     """
     B, H, N, D = q.shape
-    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    # Filled, not empty: tokens that the order leaves out are never stored by the kernel, and the
+    # contract gives them zeros and LSE = -inf.
+    o = torch.zeros((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
     # Broadcast dims of the mask get stride 0, so one mask serves every batch element / head.
     cb = kv_counts.stride(0) if kv_counts.shape[0] > 1 else 0
     ch = kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0
@@ -119,6 +123,6 @@ def block_sparse_attention_fwd(
         ib, ih, kv_indices.stride(2), kv_indices.stride(3),
         H, N, D,
         BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=head_dim_block(D),
-        HAS_ORDER=has_order,
+        HAS_ORDER=has_order, enable_fp_fusion=True,
     )
     return o, lse

@@ -25,19 +25,69 @@ def autotune_configs(stages=(2, 3, 4), interpret: bool | None = None) -> list:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in stages]
 
 
-def tile_configs(configs, block_m: int, block_n: int, block_d: int) -> list:
-    """The autotune configs that suit a tile shape, as checked by ``sparse-vdit bench static``
-    (sm_90a): a 128 x 128 (rows x head_dim) tile needs 8 warps (4 spill), and 128-token key blocks at
-    head_dim 128 fit shared memory in 2 stages only."""
-    keep = [c for c in configs
-            if (c.num_warps == 8 or block_m * block_d < 128 * 128)
-            and (c.num_stages <= 2 or block_n * block_d < 128 * 128)]
-    return keep or configs[:1]
+# Architectures whose tensor cores are fed by mma.sync (no wgmma / tcgen05): A100, RTX 30/40, L40S, RTX 50.
+MMA_SYNC_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_120")
+
+# Autotune stages per kernel (warps are 4 or 8 for all): the space before any pruning.
+STAGES = {"tiled": (2, 3, 4), "gather": (2, 3, 4), "gather_ordered": (2, 3, 4), "mass": (2, 3),
+          "bwd_dq": (1, 2), "bwd_dkdv": (1, 2)}
 
 
-def prune_tile_configs(configs, named_args, **kwargs):
-    """``early_config_prune`` for ``triton.autotune``: :func:`tile_configs` on the launch's blocks."""
-    return tile_configs(configs, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"])
+_ARCH: list = []  # the current device's architecture, read once per process
+
+
+def current_arch() -> str | None:
+    """The static table's name for the current CUDA device ("sm_90a", ...), None without one (read
+    once, then a constant: a compiled graph that asks sees no device query)."""
+    if not _ARCH:
+        import torch
+
+        if not torch.cuda.is_available():
+            _ARCH.append(None)
+        else:
+            major, minor = torch.cuda.get_device_capability()
+            _ARCH.append({8: "sm_89" if minor >= 9 else ("sm_80" if minor == 0 else "sm_86"), 9: "sm_90a",
+                          10: "sm_100a", 12: "sm_120"}.get(major, f"sm_{major}{minor}"))
+    return _ARCH[0]
+
+
+def arch_configs(kernel: str, arch: str | None, block_m: int, block_n: int, block_d: int) -> list:
+    """The autotune configs ``kernel`` keeps on ``arch`` (e.g. "sm_90a") for this tile shape
+    (``block_m``: rows per program): the full space less what the static table shows spilling there."""
+    warps, stages = (4, 8), STAGES[kernel]
+    wide = block_m * block_d >= 128 * 128  # a 128 x 128 (rows x head_dim) accumulator or larger
+    if kernel == "tiled":
+        if arch in MMA_SYNC_ARCHS:
+            # No wgmma: 4 warps spill at any tile; descriptor loads lower to plain loads that the
+            # stages do not pipeline, so one stage count is the whole space.
+            warps, stages = (8,), (2,)
+        else:
+            # 4 warps spill on a 128 x 128 accumulator (sm_90a) or a 128 x 128 score tile (sm_100a).
+            warps = (8,) if wide or block_m * block_n >= 128 * 128 else (4, 8)
+            if block_n * block_d >= 128 * 128:
+                stages = (2,)  # 128-token key blocks at head_dim 128 fit shared memory in 2 stages only
+    elif kernel == "mass":
+        if wide or block_n * block_d >= 128 * 128:
+            warps = (8,)
+    elif kernel.startswith("gather"):
+        if block_m * block_d >= 64 * 128:
+            warps = (8,)  # 4 warps spill from a 64 x 128 tile on (sm_90a table)
+    elif kernel.startswith("bwd"):
+        warps = (8,)  # every 4-warp backward config spills at head_dim 128
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+
+
+def arch_pruner(kernel: str):
+    """``early_config_prune`` for ``triton.autotune``: :func:`arch_configs` of the current GPU for the
+    launch's tile shape. Under the interpreter (one config) nothing is pruned."""
+    def prune(configs, named_args, **kwargs):
+        if len(configs) <= 1:
+            return configs
+        keep = {(c.num_warps, c.num_stages) for c in arch_configs(
+            kernel, current_arch(), kwargs.get("ROWS", kwargs["BLOCK_M"]), kwargs["BLOCK_N"], kwargs["BLOCK_D"])}
+        return [c for c in configs if (c.num_warps, c.num_stages) in keep] or configs[:1]
+
+    return prune
 
 
 @triton.jit

@@ -11,13 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, LOG2E_PY, autotune_configs, head_dim_block, load_query_block, prune_tile_configs, token_index
+from .common import LOG2E, LOG2E_PY, STAGES, arch_pruner, autotune_configs, head_dim_block, load_query_block, token_index
 
 
 # The pointer/stride parameters repeat the attention kernel's on purpose: Triton kernels take flat
 # arguments; the shared prologue itself lives in common.load_query_block. (A `duplicates` row; justified.)
-@triton.autotune(configs=autotune_configs(stages=(2, 3)), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"],
-                 prune_configs_by={"early_config_prune": prune_tile_configs})
+@triton.autotune(configs=autotune_configs(stages=STAGES["mass"]), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_ORDER"],
+                 prune_configs_by={"early_config_prune": arch_pruner("mass")}, cache_results=True)
 @triton.jit
 def block_attention_mass_kernel(
     q, k, lse, mass, token_order, kv_token_order,
@@ -32,8 +32,8 @@ def block_attention_mass_kernel(
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
+    i_b = (i_bh // H).to(tl.int64)  # int64 offsets: see the attention kernel
+    i_h = (i_bh % H).to(tl.int64)
     o_n = tl.arange(0, BLOCK_N)
     b_q, i_q, m_q, o_d, m_d = load_query_block(q, token_order, i_b, i_h, i_m, stride_qb, stride_qh, stride_qn,
                                                stride_qd, N, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ORDER)
@@ -42,7 +42,7 @@ def block_attention_mass_kernel(
     m_row = m_q & (b_lse > float("-inf"))
     b_lse2 = tl.where(m_row, b_lse * LOG2E, 0.0)  # log2 domain
     p_k_bh = k + i_b * stride_kb + i_h * stride_kh
-    p_mass = mass + i_b * stride_mb + i_h * stride_mh + i_m * stride_mm
+    p_mass = mass + i_b * stride_mb + i_h * stride_mh + i_m.to(tl.int64) * stride_mm
     for i_kb in range(0, NUM_KV_BLOCKS):
         o_kv = i_kb * BLOCK_N + o_n
         i_kv, m_kv = token_index(kv_token_order, o_kv, N, HAS_ORDER)
@@ -72,6 +72,6 @@ def block_attention_mass_fwd(q, k, lse, token_order, kv_token_order, scale, q_bl
         *q.stride(), *k.stride(), *lse.stride(), *mass.stride(),
         H, N, D, num_kv_blocks,
         BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=head_dim_block(D),
-        HAS_ORDER=has_order,
+        HAS_ORDER=has_order, enable_fp_fusion=True,
     )
     return mass

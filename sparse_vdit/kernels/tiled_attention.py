@@ -17,16 +17,21 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.tools.tensor_descriptor import TensorDescriptor
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError as e:  # Triton < 3.4 (torch < 2.8)
+    raise ImportError(f"sparse_vdit's Triton kernels need Triton >= 3.4 (tensor descriptors; torch >= 2.8 ships it), "
+                      f"found triton {triton.__version__}: upgrade torch/triton, or use backend='torch'") from e
 
-from .common import (LOG2E_PY, autotune_configs, head_dim_block, online_softmax_finish, online_softmax_step,
-                     prune_tile_configs)
+from .common import LOG2E_PY, arch_pruner, autotune_configs, head_dim_block, online_softmax_finish, online_softmax_step
 
 
 # Its opening (program ids, list pointers, the softmax state) mirrors the gather kernel's: the two are
 # alternative forms of one forward, kept side by side for comparison. (A `duplicates` row; justified.)
-@triton.autotune(configs=autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "Q_BLOCK"],
-                 prune_configs_by={"early_config_prune": prune_tile_configs})
+# The key names the dtype: q/k/v arrive as tensor descriptors, whose dtype Triton's autotuner does not
+# add to the key itself (fp16 and bf16 would share one tuning). Results persist across processes.
+@triton.autotune(configs=autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "Q_BLOCK", "DTYPE"],
+                 prune_configs_by={"early_config_prune": arch_pruner("tiled")}, cache_results=True)
 @triton.jit
 def block_sparse_attention_tiled_fwd_kernel(
     q, k, v, o, lse,
@@ -36,6 +41,7 @@ def block_sparse_attention_tiled_fwd_kernel(
     stride_ib, stride_ih, stride_im, stride_ik,
     H, L, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -104,7 +110,9 @@ def block_sparse_attention_tiled_fwd(
     ch = tile_counts.stride(1) if tile_counts.shape[1] > 1 else 0
     ib = tile_indices.stride(0) if tile_indices.shape[0] > 1 else 0
     ih = tile_indices.stride(1) if tile_indices.shape[1] > 1 else 0
-    grid = (L // tile_rows, B * H)
+    # One program per query tile of the mask: L may run past the last tile (it is rounded up to whole
+    # key blocks too), and positions there are padding that no one reads back.
+    grid = (tile_counts.shape[-1], B * H)
     block_d = head_dim_block(D)
 
     def desc(x, rows):
@@ -117,6 +125,7 @@ def block_sparse_attention_tiled_fwd(
         cb, ch, tile_counts.stride(2),
         ib, ih, tile_indices.stride(2), tile_indices.stride(3),
         H, L, D,
-        BLOCK_M=tile_rows, BLOCK_N=kv_block, BLOCK_D=block_d, Q_BLOCK=q_block,
+        BLOCK_M=tile_rows, BLOCK_N=kv_block, BLOCK_D=block_d, Q_BLOCK=q_block, DTYPE=str(qt.dtype).split(".")[-1],
+        enable_fp_fusion=True,  # the exp2 softmax relies on FMA contraction; Triton 3.10 flips the default
     )
     return ot, lse

@@ -20,17 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, LOG2E_PY, autotune_configs, head_dim_block
+from .common import LOG2E, LOG2E_PY, STAGES, arch_pruner, autotune_configs, head_dim_block
 
 
 def _configs():
-    # 8 warps: every 4-warp config spills at head_dim 128 (sm_90a compile table).
-    return [c for c in autotune_configs(stages=(1, 2)) if c.num_warps == 8] or autotune_configs(stages=(1, 2))
+    return autotune_configs(stages=STAGES["bwd_dq"])
 
 
 # The two kernels' prologues look alike (program ids, row offsets, loads of one side's tiles): they
 # walk transposed lists of the same mask from opposite sides. (`duplicates` rows; justified.)
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROWS"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROWS"], cache_results=True,
+                 prune_configs_by={"early_config_prune": arch_pruner("bwd_dq")})
 @triton.jit
 def block_sparse_attention_bwd_dq_kernel(
     q, k, v, do, lse, delta, dq,
@@ -77,7 +77,8 @@ def block_sparse_attention_bwd_dq_kernel(
     tl.store(dq + p_rows, (b_dq * sm_scale).to(dq.dtype.element_ty), mask=m_d[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROWS"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROWS"], cache_results=True,
+                 prune_configs_by={"early_config_prune": arch_pruner("bwd_dkdv")})
 @triton.jit
 def block_sparse_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, dk, dv,
@@ -159,6 +160,7 @@ def block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, kv_counts,
         bstride(kv_counts, 0), bstride(kv_counts, 1), kv_counts.stride(2),
         bstride(kv_indices, 0), bstride(kv_indices, 1), kv_indices.stride(2), kv_indices.stride(3),
         H, L, D, BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=block_d, ROWS=rows_q,
+        enable_fp_fusion=True,
     )
     block_sparse_attention_bwd_dkdv_kernel[(L // rows_k, B * H)](
         qt, kt, vt, dot, lse_t, delta_t, dk, dv, q_counts, q_indices, kv_valid,
@@ -166,5 +168,6 @@ def block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, kv_counts,
         bstride(q_counts, 0), bstride(q_counts, 1), q_counts.stride(2),
         bstride(q_indices, 0), bstride(q_indices, 1), q_indices.stride(2), q_indices.stride(3),
         H, L, D, BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=block_d, ROWS=rows_k,
+        enable_fp_fusion=True,
     )
     return dq, dk, dv

@@ -5,9 +5,10 @@ import math
 import os
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import BlockSparseMask
-from .order import order_digest, tiled_position
+from .order import order_facts, tiled_position
 from .torch_backend import torch_block_sparse_attention, torch_block_sparse_attention_bwd
 
 # triton: the tiled (Hopper-form) kernel, q/k/v gathered into tiled order once per call;
@@ -55,15 +56,17 @@ def block_sparse_attention_op(
     """The forward as one opaque op for torch.compile: (o [B, H, N, D], lse fp32 [B, H, N]).
     The tiled backend also takes the mask's query-tile lists (``BlockSparseMask.query_tiles``)."""
     if backend == "triton":
-        return _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale,
-                             tile_rows, q_block, kv_block)
-    if backend == "triton_gather":
+        o, lse = _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale,
+                               tile_rows, q_block, kv_block)
+    elif backend == "triton_gather":
         from ..kernels import block_sparse_attention_fwd
 
-        return block_sparse_attention_fwd(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
-                                     q_block, kv_block, num_q_blocks)
-    return torch_block_sparse_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
-                                        q_block, kv_block, num_q_blocks)
+        o, lse = block_sparse_attention_fwd(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
+                                            q_block, kv_block, num_q_blocks)
+    else:
+        o, lse = torch_block_sparse_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
+                                              q_block, kv_block, num_q_blocks)
+    return o.contiguous(), lse.contiguous()  # the fake's strides
 
 
 def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale, tile_rows,
@@ -76,14 +79,7 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
     Mt = tile_counts.shape[-1]
     step = tile_rows * kv_block // math.gcd(tile_rows, kv_block)
     length = max(Mt * tile_rows, token_order.numel() if token_order is not None else N)
-    Lt = -(-length // step) * step
-    if token_order is None:
-        order = torch.arange(Lt, device=q.device, dtype=torch.int32)
-        order = torch.where(order < N, order, torch.full_like(order, -1))
-    else:
-        order = torch.nn.functional.pad(token_order, (0, Lt - token_order.numel()), value=-1)
-    kv_order = order if kv_token_order is None else \
-        torch.nn.functional.pad(kv_token_order, (0, Lt - kv_token_order.numel()), value=-1)
+    order, kv_order = _tiled_orders(q, token_order, kv_token_order, length, step)
     # Padding positions read token 0 (any finite row): their queries are dropped, their keys masked.
     qt = q.index_select(2, order.clamp(min=0))
     kt = k.index_select(2, kv_order.clamp(min=0))
@@ -117,7 +113,6 @@ def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, 
                       q_block, kv_block, num_q_blocks):
     """dq, dk, dv by the Triton backward kernels on contiguous tiled copies (gathered once)."""
     from ..kernels import block_sparse_attention_tiled_bwd
-    from .mask import blocks_to_indices
 
     B, H, N, D = q.shape
     step = q_block * kv_block // math.gcd(q_block, kv_block)
@@ -136,16 +131,7 @@ def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, 
     delta_t = ((dot.float() * ot.float()).sum(-1) - grad_lse.index_select(2, qi).float() * q_ok).contiguous()
     kv_valid = kv_ok.to(torch.int8)
     kv_block_pad = (~kv_ok.view(-1, kv_block)).any(-1).to(torch.int8)
-    # The mask's rows over Lt // q_block query blocks, and its columns (who visits each key block).
-    Bm, Hm, Mq = kv_counts.shape
-    rows, cols = Lt // q_block, Lt // kv_block
-    dense = torch.zeros(Bm, Hm, rows, cols + 1, dtype=torch.bool, device=q.device)
-    valid = torch.arange(kv_indices.shape[-1], device=q.device) < kv_counts.unsqueeze(-1)
-    idx = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, cols, dtype=torch.long))
-    dense[:, :, :Mq].scatter_(-1, idx, True)
-    dense = dense[..., :cols]
-    counts_r, indices_r = blocks_to_indices(dense, max(int(dense.sum(-1).max()), 1))
-    counts_c, indices_c = blocks_to_indices(dense.transpose(-1, -2), max(int(dense.sum(-2).max()), 1))
+    counts_r, indices_r, counts_c, indices_c = _backward_lists(kv_counts, kv_indices, Lt // q_block, Lt // kv_block)
     dqt, dkt, dvt = block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, counts_r, indices_r, counts_c,
                                                      indices_c, kv_valid, kv_block_pad, scale, q_block, kv_block)
     pos_q, pos_k = tiled_position(order, N), tiled_position(kv_order, N)
@@ -154,6 +140,32 @@ def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, 
         return xt.index_select(2, pos.clamp(min=0)).masked_fill((pos < 0)[None, None, :, None], 0.0)
 
     return back(dqt, pos_q), back(dkt, pos_k), back(dvt, pos_k)
+
+
+# The backward's row and column lists of a mask, per mask tensor (the mask's own lists stand for it:
+# masks are immutable). Built on a mask's first backward (that build reads widths back, a sync); a
+# steady-state backward only looks them up.
+_BACKWARD_LISTS = WeakIdKeyDictionary()  # tensor -> {...}, by identity (tensors compare elementwise)
+
+
+def _backward_lists(kv_counts, kv_indices, rows, cols):
+    """(row counts, row indices, column counts, column indices) of the mask over ``rows`` query blocks
+    and ``cols`` key blocks: the key blocks of each query block, and the query blocks that visit each key block."""
+    per_mask = _BACKWARD_LISTS.setdefault(kv_indices, {})
+    key = (rows, cols, kv_counts.data_ptr(), kv_indices._version)
+    if key not in per_mask:
+        from .mask import blocks_to_indices
+
+        Bm, Hm, Mq = kv_counts.shape
+        dense = torch.zeros(Bm, Hm, rows, cols + 1, dtype=torch.bool, device=kv_indices.device)
+        valid = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_counts.unsqueeze(-1)
+        idx = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, cols, dtype=torch.long))
+        dense[:, :, :Mq].scatter_(-1, idx, True)
+        dense = dense[..., :cols]
+        per_mask.clear()
+        per_mask[key] = (*blocks_to_indices(dense, max(int(dense.sum(-1).max()), 1)),
+                         *blocks_to_indices(dense.transpose(-1, -2), max(int(dense.sum(-2).max()), 1)))
+    return per_mask[key]
 
 
 @block_sparse_attention_op.register_fake
@@ -188,15 +200,19 @@ def block_sparse_attention_bwd_op(
     """(dq, dk, dv) of the forward: the Triton backward kernels (``backend`` triton) or the torch
     block-gather algebra (any other backend; exact on any device). The same function either way."""
     if backend == "triton":
-        return _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order,
-                                 kv_token_order, scale, q_block, kv_block, num_q_blocks)
-    return torch_block_sparse_attention_bwd(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order,
-                                            kv_token_order, scale, q_block, kv_block, num_q_blocks)
+        grads = _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order,
+                                  kv_token_order, scale, q_block, kv_block, num_q_blocks)
+    else:
+        grads = torch_block_sparse_attention_bwd(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order,
+                                                 kv_token_order, scale, q_block, kv_block, num_q_blocks)
+    # Contiguous whatever q's strides (diffusers hands over [B, N, H, D] views): what the fake promises.
+    return tuple(g.contiguous() for g in grads)
 
 
 @block_sparse_attention_bwd_op.register_fake
 def _(grad_o, grad_lse, q, k, v, o, lse, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous, as the real op returns: inductor asserts the strides of fallback outputs.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -225,13 +241,31 @@ block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_cont
 _compiled_flex = None
 
 
+def _flex_fn(device: torch.device):
+    """Compiled FlexAttention on CUDA (eager FlexAttention there materialises every score: slow and,
+    at video lengths, out of memory); eager elsewhere (the CPU, where it is the intended use)."""
+    global _compiled_flex
+    if device.type != "cuda":
+        return None
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
 def _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> str:
     """The backend ``auto`` resolves to for this call (measured once per key on CUDA)."""
     from .auto import auto_key, cuda_time_ms, pick_backend
 
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return "torch" if q.device.type != "cuda" else "triton"
-    candidates = ["triton", "triton_gather", "flex"]
+    B, H, N, D = q.shape
+    candidates = [b for b in ("triton", "triton_gather")
+                  if unsupported(b, q.dtype, D, mask.q_block, mask.kv_block, "cuda") is None]
+    if mask.q_block * D >= 128 * 128:  # the gather kernel spills at any config there (static table)
+        candidates = [b for b in candidates if b != "triton_gather"]
+    candidates.append("flex")  # compiled FlexAttention: exact for any dtype and block pair
     if mask.density() == 1.0 and token_order is None and kv_token_order is None and not return_lse:
         candidates.append("sdpa")
 
@@ -241,10 +275,8 @@ def _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> str:
 
             from .flex import flex_block_sparse_attention
 
-            global _compiled_flex
-            _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
             return cuda_time_ms(lambda: flex_block_sparse_attention(q, k, v, mask, scale, token_order, kv_token_order,
-                                                                    flex_fn=_compiled_flex))
+                                                                    flex_fn=_flex_fn(q.device)))
         return cuda_time_ms(lambda: block_sparse_attention(q, k, v, mask, scale=scale, token_order=token_order,
                                                            kv_token_order=kv_token_order, backend=name, check=False)
                             if name != "sdpa" else torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
@@ -252,13 +284,75 @@ def _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> str:
     return pick_backend(auto_key(q, mask, token_order, kv_token_order, return_lse), candidates, time_ms)
 
 
-def tiled_kernel_rows(q_block: int) -> int:
-    """Query rows per program of the tiled kernel: ``TILE_ROWS`` (128) when the mask's query block
+def _current_arch() -> str | None:
+    """The current GPU's architecture name (see ``kernels.common.current_arch``); None without CUDA.
+    Kept free of a Triton import so the CPU path never needs Triton."""
+    if not torch.cuda.is_available():
+        return None
+    from ..kernels.common import current_arch
+
+    return current_arch()
+
+
+# Architectures without wgmma and TMA-fed tiles (A100, RTX 30/40, L40S): a 128-row tile there needs
+# more than 255 registers at any head_dim (static table), so their tiles have 64 rows.
+SMALL_TILE_ARCHS = ("sm_80", "sm_86", "sm_89")
+
+
+# Architectures with 99 KB of shared memory a block whose tiles are otherwise Hopper-sized (RTX 5090):
+# a 128-token key block at head_dim 128 needs 128 KB in the tiled kernel (static table).
+SMALL_SMEM_ARCHS = {"sm_120": 99}
+
+
+def tiled_kernel_rows(q_block: int, arch: str | None = None) -> int:
+    """Query rows per program of the tiled kernel on ``arch`` (None: the current GPU, or none):
+    ``TILE_ROWS`` (128; 64 on the architectures of ``SMALL_TILE_ARCHS``) when the mask's query block
     divides it, else the query block itself."""
-    return TILE_ROWS if q_block <= TILE_ROWS and TILE_ROWS % q_block == 0 else q_block
+    if arch is None:
+        arch = _current_arch()
+    rows = 64 if arch in SMALL_TILE_ARCHS else TILE_ROWS
+    return rows if q_block <= rows and rows % q_block == 0 else q_block
 
 
 # ---------------------------------------------------------------------------- checks
+TILED_MAX_BLOCK = 128  # rows of a query tile and tokens of a key block the tiled kernel holds in shared memory
+
+
+def unsupported(backend: str, dtype: torch.dtype, head_dim: int, q_block: int, kv_block: int,
+                device_type: str, arch: str | None = None) -> str | None:
+    """Why ``backend`` cannot run these inputs (a sentence that says what would), or None if it can.
+    ``arch`` (e.g. "sm_80") defaults to the current GPU's on CUDA. ``auto`` leaves such backends out;
+    an explicit choice raises with this sentence."""
+    if backend not in TRITON_BACKENDS:
+        return None
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is not supported by the Triton kernels (at most {MAX_HEAD_DIM}); use backend='torch'"
+    if dtype == torch.float64:
+        return "float64 runs on the torch backend only (backend='torch')"
+    if device_type == "cuda" and dtype == torch.float32:
+        return ("float32 is not run by the Triton kernels on a GPU: tl.dot would round it to TF32, and a 128-token "
+                "fp32 tile at head_dim 128 needs more shared memory than the GPU has; pass float16/bfloat16 inputs, "
+                "or backend='torch' for exact float32")
+    if backend == "triton":
+        if head_dim % 8:
+            return (f"head_dim {head_dim} is not a multiple of 8: the tiled kernel reads rows through tensor "
+                    "descriptors (16-byte strides); use backend='triton_gather' or 'torch'")
+        if arch is None and device_type == "cuda":
+            arch = _current_arch()
+        limit = 64 if arch in SMALL_TILE_ARCHS else TILED_MAX_BLOCK
+        if arch in SMALL_SMEM_ARCHS and kv_block * head_dim > 64 * 128:
+            return (f"on {arch} ({SMALL_SMEM_ARCHS[arch]} KB of shared memory a block) the tiled kernel holds key "
+                    f"blocks of at most {64 * 128 // head_dim} tokens at head_dim {head_dim}, this mask has {kv_block}: "
+                    "use backend='triton_gather' or 'torch', or a mask with smaller blocks")
+        if kv_block > limit or q_block > limit:
+            where = f" on {arch} (no wgmma: larger tiles spill registers there)" if limit < TILED_MAX_BLOCK else \
+                " (larger ones do not fit shared memory)"
+            return (f"the tiled kernel holds query and key blocks of at most {limit} tokens{where}; this mask has "
+                    f"blocks ({q_block}, {kv_block}) at head_dim {head_dim}: use backend='triton_gather' or 'torch', "
+                    "or a mask with smaller blocks")
+    return None
+
+
 def _check_order(name, order, q, mask, N):
     if not isinstance(order, torch.Tensor) or order.dim() != 1:
         raise ValueError(f"{name} must be a 1-D int32 tensor of tiled positions")
@@ -270,7 +364,7 @@ def _check_order(name, order, q, mask, N):
     if L % mask.q_block or L % mask.kv_block:
         raise ValueError(f"{name} length {L} must be a multiple of the block sizes ({mask.q_block}, {mask.kv_block})")
     if not torch.compiler.is_compiling():
-        lo, hi = int(order.min()), int(order.max())
+        lo, hi, _ = order_facts(order)
         if lo < -1 or hi >= N:
             raise ValueError(f"{name} values must lie in [-1, {N - 1}] (N={N}), got range [{lo}, {hi}]")
 
@@ -304,10 +398,9 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in TRITON_BACKENDS:
-        if D > MAX_HEAD_DIM:
-            raise ValueError(f"head_dim {D} is not supported by the Triton kernel (at most {MAX_HEAD_DIM})")
-        if q.dtype == torch.float64:
-            raise TypeError("float64 runs on the torch backend only (backend='torch')")
+        why = unsupported(backend, q.dtype, D, mask.q_block, mask.kv_block, q.device.type)
+        if why:
+            raise (TypeError if "float" in why.split(" ")[0] else ValueError)(why)
         if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"the Triton backend needs a CUDA device (q is on {q.device}); use backend='torch' on the CPU "
@@ -323,7 +416,7 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
         return
     _check_order("token_order", token_order, q, mask, N)
     if mask.token_order_digest is not None and not torch.compiler.is_compiling():
-        given = order_digest(token_order)
+        given = order_facts(token_order, digest=True)[2]
         if given != tuple(mask.token_order_digest):
             raise ValueError(
                 f"token_order is not the order of the layout this mask was built for (mask: {mask.token_order_digest[0]} "
@@ -387,7 +480,7 @@ def block_sparse_attention(
         from .flex import flex_block_sparse_attention
 
         o, lse = flex_block_sparse_attention(q, k, v, mask, scale, token_order, kv_token_order,
-                                             flex_fn=_compiled_flex if q.device.type == "cuda" else None)
+                                             flex_fn=_flex_fn(q.device))
     elif backend == "triton":
         tile_rows = tiled_kernel_rows(mask.q_block)
         o, lse = block_sparse_attention_op(

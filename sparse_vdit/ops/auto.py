@@ -4,7 +4,9 @@ On the first call for a key (batch, heads, length, head_dim, dtype, block shape,
 reordered, density in tenths) every exact candidate runs on the call's own inputs: the tiled Triton
 kernel, the gather Triton kernel, compiled FlexAttention on the same block mask, and dense SDPA when
 the mask visits every block (then dense attention is the same function). The winner is cached;
-later calls with the key go straight to it. Off CUDA the choice is the torch backend.
+later calls with the key go straight to it. Off CUDA the choice is the torch backend. Backends that
+cannot run the inputs (``ops.attention.unsupported``) are not tried; a broken install or a sticky CUDA
+error is raised, not taken for a candidate that lost.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def pick_backend(key: tuple, candidates: Sequence[str], time_ms: Callable[[str],
         try:
             timings[name] = float(time_ms(name))
         except Exception as e:  # noqa: BLE001 - a candidate that cannot run this shape is not a choice
+            if is_fatal(e):
+                raise
             errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     if not timings:
         raise RuntimeError(f"backend='auto': no candidate ran ({errors})")
@@ -37,6 +41,22 @@ def pick_backend(key: tuple, candidates: Sequence[str], time_ms: Callable[[str],
     while len(_CHOICES) > MAX_KEYS:
         _CHOICES.popitem(last=False)
     return best
+
+
+_FATAL_MARKS = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure",
+                "CUBLAS_STATUS", "cudaErrorLaunchFailure")
+
+
+def is_fatal(e: BaseException) -> bool:
+    """An error that is not about one candidate: a broken install (ImportError) or a sticky CUDA
+    error, after which every later CUDA call fails too. ``auto`` re-raises these instead of trying on."""
+    if isinstance(e, ImportError):
+        return True
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is not None and isinstance(e, accel):
+        return True
+    text = str(e)
+    return any(m in text for m in _FATAL_MARKS)
 
 
 def choices() -> dict[tuple, str]:

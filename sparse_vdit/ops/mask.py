@@ -201,8 +201,11 @@ class BlockSparseMask:
         return dense[..., :Mk]
 
     def density(self) -> float:
-        """Fraction of (query block, key block) pairs visited, averaged over batch and heads."""
-        return float(self.kv_counts.sum()) / (self.kv_counts.numel() * self.num_kv_blocks)
+        """Fraction of (query block, key block) pairs visited, averaged over batch and heads (read back
+        once per mask, then cached: masks are immutable)."""
+        if "density" not in self._derived:
+            self._derived["density"] = float(self.kv_counts.sum()) / (self.kv_counts.numel() * self.num_kv_blocks)
+        return self._derived["density"]
 
     def head_density(self) -> torch.Tensor:
         """Density per head, float [H] (averaged over the mask's batch dimension)."""

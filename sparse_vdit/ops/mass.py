@@ -49,7 +49,9 @@ def block_attention_mass(
     else:
         q_valid = token_order >= 0
     counts = q_valid.view(Mq, q_block).sum(-1).clamp(min=1).float()
-    if backend == "triton":
+    # The mass kernel wherever a Triton backend would run: calibration passes "auto" on CUDA.
+    if backend in ("triton", "triton_gather") or (backend == "auto" and q.device.type == "cuda"
+                                                 and q.dtype in (torch.float16, torch.bfloat16)):
         from ..kernels import block_attention_mass_fwd
 
         sums = block_attention_mass_fwd(q, k, lse, token_order, kv_token_order, scale, q_block, kv_block, Mq, Mk)

@@ -2,21 +2,46 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def tiled_position(order: torch.Tensor, seq_len: int) -> torch.Tensor:
     """int64 ``[seq_len]``: the tiled position of each model token (the inverse of ``order``), -1
     where the order leaves a token out."""
     order = order.long()
-    valid = order >= 0
-    where = torch.full((seq_len,), -1, dtype=torch.long, device=order.device)
-    where[order[valid]] = torch.arange(order.numel(), device=order.device)[valid]
-    return where
+    # Positions that hold no token scatter into a spare slot that is dropped: no boolean indexing,
+    # so no host sync (a steady-state sparse call makes none).
+    slot = torch.where(order >= 0, order, torch.full_like(order, seq_len))
+    where = torch.full((seq_len + 1,), -1, dtype=torch.long, device=order.device)
+    where.scatter_(0, slot, torch.arange(order.numel(), device=order.device))
+    return where[:seq_len]
 
 
 def key_order(order: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     """``order`` with the tokens that ``key_valid`` (bool [N], model order) rules out set to -1."""
-    return torch.where((order >= 0) & key_valid[order.clamp(min=0).long()], order, torch.full_like(order, -1))
+    keys = torch.where((order >= 0) & key_valid[order.clamp(min=0).long()], order, torch.full_like(order, -1))
+    facts = _VALID_ORDERS.get(order)
+    if facts is not None and facts[0] == order._version:
+        # Within the parent's range by construction: checking it would be a read-back per call.
+        _VALID_ORDERS[keys] = (keys._version, -1, facts[2], None)
+    return keys
+
+
+# Orders already validated, per tensor (by identity) and version: (version, min, max, digest). A
+# steady-state call with the layout's cached order makes no host sync for its checks.
+_VALID_ORDERS = WeakIdKeyDictionary()
+
+
+def order_facts(order: torch.Tensor, digest: bool = False) -> tuple[int, int, tuple[int, int] | None]:
+    """(min, max, digest or None) of ``order``, each read back once per order tensor and version (the
+    digest only when asked for)."""
+    cached = _VALID_ORDERS.get(order)
+    if cached is None or cached[0] != order._version:
+        cached = (order._version, int(order.min()), int(order.max()), order_digest(order) if digest else None)
+    elif digest and cached[3] is None:
+        cached = (*cached[:3], order_digest(order))
+    _VALID_ORDERS[order] = cached
+    return cached[1:]
 
 
 def order_digest(order: torch.Tensor | None) -> tuple[int, int] | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .order import tiled_position
+
 
 class _Gathered:
     """The tiled, block-gathered view of one call that the torch forward and backward share."""
@@ -63,10 +65,11 @@ class _Gathered:
 
     def to_model_order(self, xt, like, fill=0.0):
         """[B, H, L, ...] in tiled order -> [B, H, N, ...] in model order (positions without a token dropped)."""
-        B, H, N = self.shape[:3]
-        out = torch.full((B, H, N, *xt.shape[3:]), fill, dtype=like, device=xt.device)
-        out[:, :, self.order[self.valid_pos]] = xt[:, :, :self.L][:, :, self.valid_pos].to(like)
-        return out
+        N = self.shape[2]
+        pos = tiled_position(self.order, N)  # a select, not boolean indexing: no host sync
+        out = xt.index_select(2, pos.clamp(min=0)).to(like)
+        missing = (pos < 0).view(1, 1, N, *([1] * (xt.dim() - 3)))
+        return out.masked_fill(missing, fill)
 
 
 # Same parameters as the Triton launcher (kernels.block_sparse_attention_fwd) and the custom op
@@ -132,8 +135,11 @@ def torch_block_sparse_attention_bwd(grad_o, grad_lse, q, k, v, kv_counts, kv_in
     kv_ok = g.key_valid[:g.L]
     dk = torch.zeros(B, H, N, D, dtype=g.compute, device=q.device)
     dv = torch.zeros_like(dk)
-    dk.index_add_(2, g.kv_gather[kv_ok], dkt[:, :, :g.L][:, :, kv_ok])
-    dv.index_add_(2, g.kv_gather[kv_ok], dvt[:, :, :g.L][:, :, kv_ok])
+    # Every tiled position adds into its token (0 where it is not a key, with a zero weight): no
+    # boolean indexing, so no host sync.
+    weight = kv_ok.to(g.compute)[None, None, :, None]
+    dk.index_add_(2, g.kv_gather, dkt[:, :, :g.L] * weight)
+    dv.index_add_(2, g.kv_gather, dvt[:, :, :g.L] * weight)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
