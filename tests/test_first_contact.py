@@ -254,7 +254,7 @@ def test_auto_leaves_out_backends_that_cannot_run(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- 7. uninitialised rows
-@pytest.mark.parametrize("backend", ["triton", "triton_gather", "torch", "flex"])
+@pytest.mark.parametrize("backend", ["triton", "triton_gather", "torch", "torch_masked", "flex"])
 def test_tokens_the_order_leaves_out_give_zeros_and_neg_inf(nan_empty, backend):
     B, H, N, D = 1, 2, 200, 16
     q, k, v = rand_qkv(B, H, N, D, torch.float32)

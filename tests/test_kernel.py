@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("nan_empty")
 
 # Under the interpreter bf16 dot products are broken (see ENVIRONMENT.md): fp16/fp32 on the CPU.
 CPU_DTYPES = [torch.float16, torch.float32]
-BACKENDS = ["triton", "triton_gather", "torch"]
+BACKENDS = ["triton", "triton_gather", "torch", "torch_masked"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,13 +9,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import BlockSparseMask
 from .order import order_facts, tiled_position
-from .torch_backend import torch_block_sparse_attention, torch_block_sparse_attention_bwd
+from .torch_backend import torch_block_sparse_attention, torch_block_sparse_attention_bwd, torch_masked_attention
 
 # triton: the tiled (Hopper-form) kernel, q/k/v gathered into tiled order once per call;
 # triton_gather: the first kernel, which gathers rows inside its loads (kept for comparison);
-# torch: block-gather in torch (the CPU path); flex: FlexAttention on the same blocks.
+# torch: block-gather in torch (the CPU path); torch_masked: dense attention under the mask's token-level
+# visibility (exact; the fast CPU path for short sequences); flex: FlexAttention on the same blocks.
 # auto: the fastest of the exact ones on this GPU, measured once per shape (see ops.auto).
-BACKENDS = ("auto", "triton", "triton_gather", "torch", "flex")
+BACKENDS = ("auto", "triton", "triton_gather", "torch", "torch_masked", "flex")
 TRITON_BACKENDS = ("triton", "triton_gather")
 TILE_ROWS = 128  # query rows per program of the tiled kernel, whatever the mask's query block
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,6 +64,9 @@ def block_sparse_attention_op(
 
         o, lse = block_sparse_attention_fwd(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
                                             q_block, kv_block, num_q_blocks)
+    elif backend == "torch_masked":
+        o, lse = torch_masked_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
+                                        q_block, kv_block, num_q_blocks)
     else:
         o, lse = torch_block_sparse_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
                                               q_block, kv_block, num_q_blocks)
@@ -460,7 +464,9 @@ def block_sparse_attention(
         kv_token_order: optional int32 ``[L]`` for keys (default: ``token_order``): a token it marks
             -1 is never attended as a key but still computed as a query (e.g. padded text tokens).
         backend: ``"auto"`` (default on CUDA: the fastest exact backend, measured once per shape),
-            ``"triton"`` (tiled kernel), ``"triton_gather"``, ``"torch"`` (default elsewhere) or ``"flex"``.
+            ``"triton"`` (tiled kernel), ``"triton_gather"``, ``"torch"`` (block gather; default elsewhere),
+            ``"torch_masked"`` (dense attention under the token-level mask: exact, fast for short sequences
+            on the CPU) or ``"flex"``.
         check: validate inputs (cheap except for a ``token_order`` range check that syncs).
 
     Returns:

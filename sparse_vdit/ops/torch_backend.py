@@ -4,6 +4,7 @@ the Triton launchers in ``sparse_vdit.kernels``."""
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .order import tiled_position
 
@@ -172,3 +173,61 @@ def torch_block_attention_mass(q, k, lse, token_order, kv_token_order, scale, q_
             per = p.view(H, (c1 - c0) // q_block, q_block, Mk, kv_block).sum(dim=(2, 4))
             sums[b, :, c0 // q_block:c1 // q_block] += per.double()
     return sums.float()
+
+
+# Token-level visibility of a mask over one (order, key order), per mask: built once, read per call.
+_TOKEN_MASKS = WeakIdKeyDictionary()
+
+
+def _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, N):
+    """bool [Bm, Hm, N, N]: may model token i attend model token j (by the blocks of their tiled
+    positions and the key order), cached per mask tensor and orders."""
+    versions = (None if token_order is None else token_order._version,
+                None if kv_token_order is None else kv_token_order._version, N)
+    cached = _TOKEN_MASKS.get(kv_indices)
+    # The entry holds its orders (so their identity cannot pass to new tensors while it lives).
+    if cached is not None and cached[0] is token_order and cached[1] is kv_token_order and cached[2] == versions:
+        return cached[3]
+    device = kv_indices.device
+    Bm, Hm, Mq = kv_counts.shape
+    if token_order is None:
+        q_pos = torch.arange(N, device=device)
+        k_pos = q_pos
+        key_ok = torch.ones(N, dtype=torch.bool, device=device)
+    else:
+        q_pos = tiled_position(token_order, N)
+        k_order = token_order if kv_token_order is None else kv_token_order
+        k_pos = tiled_position(k_order, N)
+        key_ok = k_pos >= 0
+    length = token_order.numel() if token_order is not None else max(N, num_q_blocks * q_block)
+    Mk = -(-length // kv_block)
+    valid = torch.arange(kv_indices.shape[-1], device=device) < kv_counts.unsqueeze(-1)
+    blocks = torch.zeros(Bm, Hm, Mq, Mk + 1, dtype=torch.bool, device=device)
+    blocks.scatter_(-1, torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, Mk, dtype=torch.long)), True)
+    qb = (q_pos.clamp(min=0) // q_block).clamp(max=Mq - 1)
+    kb = k_pos.clamp(min=0) // kv_block
+    vis = blocks[:, :, qb][:, :, :, kb] & key_ok & (q_pos >= 0)[:, None]
+    _TOKEN_MASKS[kv_indices] = (token_order, kv_token_order, versions, vis)
+    return vis
+
+
+def torch_masked_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block,
+                           num_q_blocks):
+    """Exact block-sparse attention as dense attention under the mask's token-level visibility (fp32,
+    one head at a time): the cost of dense attention plus an N x N boolean per mask, so for short
+    sequences on the CPU (the demo, calibration and quality benchmarks of tiny models), where it is
+    much faster than the block-gather path. Same contract as :func:`torch_block_sparse_attention`."""
+    B, H, N, D = q.shape
+    vis = _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, N)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    for h in range(H):
+        m = vis[:, h if vis.shape[1] > 1 else 0]  # [Bm, N, N]
+        s = torch.einsum("bnd,bmd->bnm", q[:, h].to(compute), k[:, h].to(compute)) * scale
+        s = s.masked_fill(~m, float("-inf"))
+        lse_h = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isinf(lse_h), torch.zeros_like(lse_h), lse_h).unsqueeze(-1))
+        o[:, h] = torch.einsum("bnm,bmd->bnd", p, v[:, h].to(compute)).to(q.dtype)
+        lse[:, h] = lse_h.float()
+    return o, lse
