@@ -15,7 +15,7 @@ from . import analyze, calibrate, demo, edit, inspect
 
 BENCHMARKS = {"kernel": "bench_kernel", "e2e": "bench_e2e", "calibration": "bench_calibration",
               "static": "bench_static", "backward": "bench_backward", "masks": "bench_masks",
-              "peers": "bench_peers"}
+              "peers": "bench_peers", "quality": "bench_quality"}
 
 
 def benchmarks_module(name: str):
@@ -37,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: kernel | e2e | calibration | static | backward | masks | peers (source checkout)",
+    p = sub.add_parser("bench", help="benchmarks: kernel | e2e | calibration | static | backward | masks | peers | quality (source checkout)",
                        description="Benchmarks; results go to benchmarks/results/ with the device name.")
     kinds = p.add_subparsers(dest="bench", metavar="{" + ",".join(BENCHMARKS) + "}", required=True)
     for kind, module_name in BENCHMARKS.items():

@@ -9,7 +9,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import BlockSparseMask
 from .order import order_facts, tiled_position
-from .torch_backend import torch_block_sparse_attention, torch_block_sparse_attention_bwd, torch_masked_attention
+from .torch_backend import (torch_block_sparse_attention, torch_block_sparse_attention_bwd, torch_masked_attention,
+                            torch_masked_sdpa)
 
 # triton: the tiled (Hopper-form) kernel, q/k/v gathered into tiled order once per call;
 # triton_gather: the first kernel, which gathers rows inside its loads (kept for comparison);
@@ -482,6 +483,11 @@ def block_sparse_attention(
         backend = _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse)
     if backend == "sdpa":  # auto chose dense attention for a mask that visits every block
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    if backend == "torch_masked" and not return_lse and not (
+            torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        # Inference without the LSE: fused SDPA under the token mask (the op below computes the LSE too).
+        return torch_masked_sdpa(q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,
+                                 mask.q_block, mask.kv_block, mask.num_q_blocks)
     if backend == "flex":
         from .flex import flex_block_sparse_attention
 

@@ -180,14 +180,15 @@ _TOKEN_MASKS = WeakIdKeyDictionary()
 
 
 def _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, N):
-    """bool [Bm, Hm, N, N]: may model token i attend model token j (by the blocks of their tiled
-    positions and the key order), cached per mask tensor and orders."""
+    """(bool [Bm, Hm, N, N]: may model token i attend model token j (by the blocks of their tiled
+    positions and the key order); bool [Bm, Hm, N, 1]: does token i see any key), cached per mask
+    tensor and orders."""
     versions = (None if token_order is None else token_order._version,
                 None if kv_token_order is None else kv_token_order._version, N)
     cached = _TOKEN_MASKS.get(kv_indices)
     # The entry holds its orders (so their identity cannot pass to new tensors while it lives).
     if cached is not None and cached[0] is token_order and cached[1] is kv_token_order and cached[2] == versions:
-        return cached[3]
+        return cached[3], cached[4]
     device = kv_indices.device
     Bm, Hm, Mq = kv_counts.shape
     if token_order is None:
@@ -207,8 +208,9 @@ def _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_bloc
     qb = (q_pos.clamp(min=0) // q_block).clamp(max=Mq - 1)
     kb = k_pos.clamp(min=0) // kv_block
     vis = blocks[:, :, qb][:, :, :, kb] & key_ok & (q_pos >= 0)[:, None]
-    _TOKEN_MASKS[kv_indices] = (token_order, kv_token_order, versions, vis)
-    return vis
+    rows = vis.any(-1, keepdim=True)  # [Bm, Hm, N, 1] queries that see at least one key
+    _TOKEN_MASKS[kv_indices] = (token_order, kv_token_order, versions, vis, rows)
+    return vis, rows
 
 
 def torch_masked_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block,
@@ -218,7 +220,7 @@ def torch_masked_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token
     sequences on the CPU (the demo, calibration and quality benchmarks of tiny models), where it is
     much faster than the block-gather path. Same contract as :func:`torch_block_sparse_attention`."""
     B, H, N, D = q.shape
-    vis = _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, N)
+    vis, _ = _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, N)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
@@ -231,3 +233,14 @@ def torch_masked_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token
         o[:, h] = torch.einsum("bnm,bmd->bnd", p, v[:, h].to(compute)).to(q.dtype)
         lse[:, h] = lse_h.float()
     return o, lse
+
+
+def torch_masked_sdpa(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block,
+                      num_q_blocks):
+    """The output of :func:`torch_masked_attention` (no LSE) through SDPA with the boolean token mask:
+    fused, so as fast as dense attention on the CPU. Queries that see no key get zeros."""
+    N = q.shape[2]
+    vis, rows = _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block,
+                                  num_q_blocks, N)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale)
+    return o.masked_fill(~rows, 0.0)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 WORDS = ("a red car on highway the cat dog runs jumps in snow city at night beach waves sunset forest "
-         "river boat flying bird person walking rain street mountain").split()
+         "river boat flying bird person walking rain street mountain "
+         # the shapes world (testing.shapes); appended so earlier words keep their ids
+         "circle square moves left right up down blue green yellow").split()
 
 
 def tiny_tokenizer():

@@ -1,0 +1,188 @@
+"""Quality at equal density, on a model whose attention was learned: the tiny Wan of the shapes world
+(``sparse_vdit.testing.shapes``, weights shipped). Held-out prompts (combinations never seen in training
+nor in calibration) are generated with fixed seeds, dense and sparse; reported per plan: PSNR and SSIM
+of the decoded video against dense, the relative error of the final latents, and the plan's attention
+density over the whole generation (dense steps and dense layers count 1).
+
+Plans: every rung of the ladder of each uniform family (the peers' ``sta``, ``radial_attn``,
+``svg_spatial``, ``svg_temporal``, and our own), and calibrated plans at several error budgets, with
+and without ladders. All plans share the dense warm-up (``--dense-steps``) and the layout (``--tile``).
+On the CPU the sparse runs use the exact ``torch_masked`` backend.
+
+    python -m benchmarks.bench_quality                    # writes benchmarks/results/quality_<device>.json and .png
+    python -m benchmarks.bench_quality --families sta --budgets 0.05 --no-ladder-calibration   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import sparse_vdit as sv
+from sparse_vdit.analysis.quality import psnr, relative_error, ssim
+from sparse_vdit.testing import shapes
+
+from . import common
+
+FAMILIES = ("sta", "radial_attn", "svg_spatial", "svg_temporal", "sliding_tile", "radial", "spatial", "temporal")
+DEFAULT_FAMILIES = ("sta", "radial_attn", "svg_spatial", "svg_temporal", "sliding_tile", "radial")
+CALIBRATION_CANDIDATES = ("sliding_tile", "radial", "spatial", "temporal")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--families", nargs="*", default=list(DEFAULT_FAMILIES),
+                   help=f"uniform families to sweep over their ladders, among {', '.join(FAMILIES)}")
+    p.add_argument("--budgets", nargs="*", type=float, default=[0.05, 0.1, 0.2, 0.3],
+                   help="calibration error budgets")
+    p.add_argument("--ladder-budgets", nargs="*", type=float, default=[0.1, 0.2],
+                   help="error budgets of the calibrations with ladders")
+    p.add_argument("--no-ladder-calibration", action="store_true", help="calibrate without ladders only")
+    p.add_argument("--max-rungs", type=int, default=None, help="at most this many rungs of each ladder (sparsest first)")
+    p.add_argument("--calibration-prompts", type=int, default=2, help="training prompts to calibrate on")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per held-out prompt")
+    p.add_argument("--steps", type=int, default=shapes.GENERATE_DEFAULTS["num_inference_steps"], help="denoising steps")
+    p.add_argument("--dense-steps", type=float, default=0.2, help="dense warm-up (fraction of steps), every plan")
+    p.add_argument("--tile", default="1,4,4", help="the layout's tile (t,h,w)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="output (default: benchmarks/results/quality_<device>.json)")
+
+
+def main(argv=None):
+    return common.cli_main(__doc__, add_arguments, run, argv)
+
+
+def plan_density(plan: sv.SparsityPlan, layout: sv.VideoLayout, num_steps: int) -> float:
+    """Fraction of dense attention's block pairs a generation computes under ``plan``."""
+    per_layer = [1.0 if plan.layer_is_dense(i) else float(sv.masks.head_densities(plan.layer_specs(i), layout).mean())
+                 for i in range(plan.num_layers)]
+    dense = plan.dense_step_count(num_steps) / num_steps
+    return dense + (1 - dense) * statistics.fmean(per_layer)
+
+
+class Runner:
+    """Generates the held-out prompts with fixed seeds; dense once, then once per plan."""
+
+    def __init__(self, args):
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.pipe = shapes.learned_wan_pipeline(dtype=self.dtype).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.scenes = [sc for sc in shapes.HELD_OUT for _ in range(args.seeds)]
+        self.kwargs = {**shapes.GENERATE_DEFAULTS, "num_inference_steps": args.steps}
+        self.backend = None if self.device.type == "cuda" else "torch_masked"
+        self.dense_latents = self.latents()
+        self.dense_video = self.decode(self.dense_latents)
+
+    def latents(self) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(self.scenes))]
+        with torch.no_grad():
+            return self.pipe([sc.prompt for sc in self.scenes], negative_prompt="", generator=gens, output_type="latent",
+                             **self.kwargs).frames.float().cpu()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        video = self.pipe.vae.decode(latents).sample  # [B, 3, F, H, W] in [-1, 1]
+        return ((video + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)  # [B, F, 3, H, W]
+
+    def measure(self, plan: sv.SparsityPlan) -> dict:
+        sv.apply(self.pipe, plan, backend=self.backend)
+        t0 = time.perf_counter()
+        lat = self.latents()
+        seconds = time.perf_counter() - t0
+        sv.remove(self.pipe)
+        video = self.decode(lat)
+        p = [psnr(v, d) for v, d in zip(video, self.dense_video)]
+        s = [ssim(v, d) for v, d in zip(video, self.dense_video)]
+        right = sum(shapes.describe(v.permute(0, 2, 3, 1)) == (sc.colour, sc.direction)
+                    for v, sc in zip(video, self.scenes))
+        return {"psnr_db": statistics.fmean(min(x, 99.0) for x in p), "psnr_min_db": min(min(x, 99.0) for x in p),
+                "ssim": statistics.fmean(s), "latent_rel_err": relative_error(lat, self.dense_latents),
+                "prompt_followed": right / len(self.scenes), "generate_s": seconds}
+
+
+def run(args, p):
+    tile = tuple(int(x) for x in args.tile.split(","))
+    if len(tile) != 3:
+        p.error(f"--tile must be t,h,w, got {args.tile}")
+    unknown = sorted(set(args.families) - set(FAMILIES))
+    if unknown:
+        p.error(f"unknown families {unknown}; valid: {list(FAMILIES)}")
+    runner = Runner(args)
+    transformer = runner.pipe.transformer
+    layout = sv.VideoLayout(frames=shapes.FRAMES, height=shapes.SIZE // 2, width=shapes.SIZE // 2, tile=tile, text_len=0)
+    dense_right = sum(shapes.describe(v.permute(0, 2, 3, 1)) == (sc.colour, sc.direction)
+                      for v, sc in zip(runner.dense_video, runner.scenes)) / len(runner.scenes)
+    print(f"dense: {len(runner.scenes)} held-out videos; prompt followed in {dense_right:.0%}", flush=True)
+    rows = []
+
+    def record(kind, name, plan, extra=None):
+        t0 = time.perf_counter()
+        row = {"kind": kind, "name": name, "density": plan_density(plan, layout, args.steps), **(extra or {}),
+               **runner.measure(plan)}
+        rows.append(row)
+        print(f"[{len(rows)}] {kind:11s} {name:28s} density {row['density']:.3f}  PSNR {row['psnr_db']:5.1f} dB  "
+              f"SSIM {row['ssim']:.3f}  latent err {row['latent_rel_err']:.3f}  ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+
+    for family in args.families:
+        for spec in sv.masks.ladder(family)[:args.max_rungs]:
+            plan = sv.uniform_plan(transformer, spec, dense_steps=args.dense_steps, tile=tile)
+            record("uniform", sv.masks.spec_name(spec), plan, {"family": family})
+    # Training prompts spread over colours and directions (never a held-out one).
+    step = max(1, len(shapes.TRAIN_SCENES) // args.calibration_prompts)
+    calib_prompts = [sc.prompt for sc in shapes.TRAIN_SCENES[step // 2::step]][:args.calibration_prompts]
+    for ladders in ([False] if args.no_ladder_calibration else [False, True]):
+        for budget in (args.ladder_budgets if ladders else args.budgets):
+            t0 = time.perf_counter()
+            plan = sv.calibrate(runner.pipe, prompts=calib_prompts, negative_prompt="",
+                                candidates=list(CALIBRATION_CANDIDATES), ladders=ladders, error_budget=budget,
+                                tile=tile, sample_steps=(0.25, 0.5, 0.75, 0.95), backend=runner.backend,
+                                progress=False, **runner.kwargs)
+            calib_s = time.perf_counter() - t0
+            plan.dense_steps = args.dense_steps  # the same warm-up as every uniform plan
+            dense_heads = sum(s["kind"] == "dense" for i in range(plan.num_layers) for s in
+                              (sv.masks.normalize_spec(x) for x in plan.layer_specs(i)))
+            record("calibrated", f"budget {budget}{' +ladders' if ladders else ''}", plan,
+                   {"budget": budget, "ladders": ladders, "calibration_s": calib_s, "dense_heads": dense_heads,
+                    "heads": plan.num_layers * plan.num_heads})
+    device = runner.device
+    meta = common.result_meta(device, held_out=[sc.prompt for sc in runner.scenes], steps=args.steps,
+                              dense_steps=args.dense_steps, tile=list(tile), dense_prompt_followed=dense_right,
+                              calibration_prompts=calib_prompts, backend=runner.backend or "auto")
+    path = args.json or common.RESULTS / f"quality_{common.device_slug(device)}.json"
+    common.write_json(path, meta, rows)
+    png = plot(rows, str(path).rsplit(".", 1)[0] + ".png", meta)
+    print(f"picture: {png}")
+    return path
+
+
+def plot(rows, path, meta):
+    from sparse_vdit.viz import figure
+
+    fig, axes = figure(1, 2, figsize=(11, 4.2), dpi=110)
+    axes = axes[0]
+    # Plans that end up dense everywhere equal the dense video (PSNR infinite): left out of the picture.
+    rows = [r for r in rows if r["latent_rel_err"] > 0]
+    for ax, key, label in ((axes[0], "psnr_db", "PSNR vs dense (dB)"), (axes[1], "ssim", "SSIM vs dense")):
+        for fam in sorted({r["family"] for r in rows if r["kind"] == "uniform"}):
+            pts = sorted((r["density"], r[key]) for r in rows if r.get("family") == fam)
+            ax.plot(*zip(*pts), marker="o", ms=3.5, lw=1.2, label=fam)
+        for ladders, style in ((False, "k-s"), (True, "r-D")):
+            pts = sorted((r["density"], r[key]) for r in rows if r["kind"] == "calibrated" and r["ladders"] == ladders)
+            if pts:
+                ax.plot(*zip(*pts), style, ms=5, lw=2, label="calibrated" + (" + ladders" if ladders else ""))
+        ax.set_xlabel("attention density over the generation (1 = dense)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right", ncol=2)
+    fig.suptitle(f"learned tiny Wan, {len(meta['held_out'])} held-out prompts, {meta['steps']} steps "
+                 f"(first {meta['dense_steps']:.0%} dense), {meta['device']}; plans equal to dense not drawn", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
