@@ -10,8 +10,8 @@ from .common import add_model_source, check_fraction, checked_tile_and_steps, re
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="measure structure, sparsity, sinks and temperature; write a report",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_source(p, "an embedded tiny model (no download): learned (the tiny Wan trained on moving shapes), "
-                          "wan (the planted random pipeline, default), hunyuan_video, cogvideox, ltx_video or mochi")
+    add_model_source(p, "an embedded tiny model (no download): wan (the planted pipeline, default), "
+                          "hunyuan_video, cogvideox, ltx_video or mochi")
     p.add_argument("--prompts", help="with --model: a text file, one prompt per line (two or more for similarity)")
     p.add_argument("--out", default="analysis", help="folder for analysis.json and the pictures")
     p.add_argument("--height", type=int, default=480, help="video height in pixels (with --model)")
@@ -34,15 +34,7 @@ def run(args, p) -> int:
     if args.tiny and args.prompts:
         p.error("--prompts goes with --model (the tiny models make their own inputs)")
     common = dict(out=args.out, budget=args.budget)
-    if args.tiny == "learned":
-        from sparse_vdit.testing import shapes
-
-        pipe = shapes.learned_wan_pipeline()
-        prompts = [sc.prompt for sc in shapes.TRAIN_SCENES[::5]]  # spread over colours and directions
-        kwargs = {**shapes.GENERATE_DEFAULTS, "num_inference_steps": min(args.steps, 20)}
-        report = sv.analyze(pipe, prompts=prompts, negative_prompt="", tile=(1, 4, 4) if args.tile == "1,8,8" else tile,
-                            backend="torch_masked" if not torch.cuda.is_available() else None, **kwargs, **common)
-    elif args.tiny and args.tiny != "wan":
+    if args.tiny and args.tiny != "wan":
         from sparse_vdit.testing import FAMILIES, runner
 
         if args.tiny not in FAMILIES:
