@@ -483,7 +483,7 @@ def block_sparse_attention(
         backend = _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse)
     if backend == "sdpa":  # auto chose dense attention for a mask that visits every block
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    if backend == "torch_masked" and not return_lse and not (
+    if backend == "torch_masked" and not return_lse and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
         # Inference without the LSE: fused SDPA under the token mask (the op below computes the LSE too).
         return torch_masked_sdpa(q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,
