@@ -180,7 +180,7 @@ def plot(rows, path, meta):
     fig.suptitle(f"learned tiny Wan, {len(meta['held_out'])} held-out prompts, {meta['steps']} steps "
                  f"(first {meta['dense_steps']:.0%} dense), {meta['device']}; plans equal to dense not drawn", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Description": f"device: {meta['device']}; torch {meta['torch']}"})
     return path
 
 
