@@ -261,3 +261,30 @@ def test_ladders_pick_the_cheapest_rung_within_budget(planted, planted_plan, whi
         assert proc.binding().stats["sparse"] > 0
     finally:
         sv.remove(planted)
+
+
+def test_classify_heads_as_svg_does_then_attend_as_svg_does(planted):
+    """Sparse VideoGen picks each head's type with its selection masks and attends with its runtime
+    masks: calibrate on the ``mask="select"`` specs, then ``map_specs(svg_attend)``."""
+    select = [{"kind": "svg_spatial", "mask": "select", "block": 16},
+              {"kind": "svg_temporal", "mask": "select", "block": 16}]
+    plan = sv.calibrate(planted, run=_wan_run(), num_prompts=1, num_inference_steps=4, candidates=select,
+                        error_budget=0.2, sample_steps=(0.0, 1.0), progress=False, tile=(0, 0, 0), block=16)
+    runs = plan.map_specs(lambda s: sv.masks.svg_attend(s, sparsity=0.4))
+    sparse = 0
+    for row, new_row in zip(plan.heads, runs.heads):
+        for old, new in zip(row, new_row):
+            if old["kind"] == "dense":
+                assert new == old
+            else:
+                sparse += 1
+                assert (new["kind"], new["variant"], new["mask"], new["sparsity"]) == (old["kind"], old["variant"],
+                                                                                         "attend", 0.4)
+    assert sparse > 0
+    assert plan.heads[0][0]["mask"] == "select" if plan.heads[0][0]["kind"] != "dense" else True  # the original is kept
+    proc = sv.apply(planted, runs)
+    try:
+        _wan_run()(planted, 0)
+        assert proc.binding().stats["sparse"] > 0
+    finally:
+        sv.remove(planted)

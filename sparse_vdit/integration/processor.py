@@ -17,6 +17,7 @@ own (dense attention that also measures) instead of subclassing the processor.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import warnings
@@ -35,6 +36,44 @@ from .adapters import ModelAdapter, adapter_for, check_plan
 from .parallel import Ulysses, heads_to_sequence, sequence_to_heads, ulysses_of
 
 _SLOT = "_sparse_vdit_slot"
+_PROC = "_sparse_vdit_processor"  # on a bound transformer: a _ProcessorRef to the processor serving it
+
+
+class _ProcessorRef:
+    """A transformer's weak reference to the processor serving it, which ``copy.deepcopy`` follows:
+    the copy of a transformer refers to the copy of its processor, never to the original's."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, proc=None):
+        self.ref = weakref.ref(proc) if proc is not None else (lambda: None)
+
+    def __call__(self):
+        return self.ref()
+
+    def __deepcopy__(self, memo):
+        proc = self.ref()
+        return _ProcessorRef(copy.deepcopy(proc, memo) if proc is not None else None)
+
+
+def _pre_hook(module, args, kwargs):
+    """The transformer's forward pre-hook: a plain function (nothing of one processor or one model in
+    it), so a deep copy of the transformer runs it for the copy's own processor."""
+    ref = module.__dict__.get(_PROC)
+    proc = ref() if ref is not None else None
+    if proc is not None:
+        proc._on_forward(proc._binding_for(module), module, args, kwargs)
+
+
+def _has_pre_hook(module) -> bool:
+    return any(h is _pre_hook for h in module._forward_pre_hooks.values())
+
+
+def _drop_pre_hook(module) -> None:
+    for key, h in list(module._forward_pre_hooks.items()):
+        if h is _pre_hook:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
 MAX_CACHED_LAYOUTS = 4  # masks are kept for this many (layout, device) pairs, least recently used dropped
 
 
@@ -49,15 +88,17 @@ class HeadGroup:
     token_order: torch.Tensor | None = None
 
 
-def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None, text=None) -> torch.Tensor:
-    """Attention of ``[B, N, H, D]`` q/k/v, each head group with its mask (dense groups: SDPA).
+def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None, text=None,
+                      dense=dense_attention) -> torch.Tensor:
+    """Attention of ``[B, N, H, D]`` q/k/v, each head group with its mask (dense groups: ``dense``,
+    ``dense(q, k, v, key_valid=...)``, default SDPA).
 
-    ``text = (start, length)``: the text queries there attend every key (dense, SDPA, all heads at
+    ``text = (start, length)``: the text queries there attend every key (dense, all heads at
     once); the groups' masks then leave those query rows empty, which keeps every mask row as short
     as its longest video row."""
     def run(g, qq, kk, vv):
         if g.mask is None:
-            return dense_attention(qq, kk, vv, key_valid=key_valid)
+            return dense(qq, kk, vv, key_valid=key_valid)
         order = token_order if g.token_order is None else g.token_order
         return sparse_attention(qq, kk, vv, g.mask, order, key_valid=key_valid, backend=backend)
 
@@ -70,8 +111,19 @@ def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None
     if text is None or not text[1]:
         return out
     a, n = text
-    o_text = dense_attention(q[:, a:a + n], k, v, key_valid=key_valid)
+    o_text = dense(q[:, a:a + n], k, v, key_valid=key_valid)
     return torch.cat([out[:, :a], o_text, out[:, a + n:]], dim=1)  # not in place: autograd keeps out
+
+
+def diffusers_dense(backend):
+    """Dense attention on ``[B, N, H, D]`` through diffusers' own dispatch with ``backend`` (None: its
+    active backend), as the stock processors of Wan, HunyuanVideo and LTX-Video run it."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    def dense(q, k, v, key_valid=None):
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend)
+    return dense
 
 
 def text_queries(layout: VideoLayout) -> tuple[int, int] | None:
@@ -91,6 +143,8 @@ class LayerSlot:
     stock: Any
     adapter: ModelAdapter
     layer: int | None
+    owner: Any = None  # the processor that made this slot
+    dense: Any = dense_attention  # dense attention as the stock processor runs it (set per forward)
     groups: tuple[HeadGroup, ...] | None = None
     token_order: torch.Tensor | None = None
     layout: VideoLayout | None = None
@@ -105,7 +159,7 @@ class Binding:
 
     adapter: ModelAdapter
     slots: list[LayerSlot]
-    hook: Any = None
+    model: Any = None  # weakref.ref to the transformer
     layout: VideoLayout | None = None
     step: int = 0
     last_t: float | None = None
@@ -151,9 +205,11 @@ class SparseAttention(AttentionStrategy):
             u, heads = slot.ulysses, q.shape[2]
             qh, kh, vh = (sequence_to_heads(x, u) for x in (q, k, v))
             kv = None if key_valid is None else key_valid  # the full sequence's keys (replicated inputs)
-            o = grouped_attention(qh, kh, vh, slot.groups, slot.token_order, kv, backend, text_queries(slot.layout))
+            o = grouped_attention(qh, kh, vh, slot.groups, slot.token_order, kv, backend, text_queries(slot.layout),
+                                  slot.dense)
             return heads_to_sequence(o, u, heads)
-        return grouped_attention(q, k, v, slot.groups, slot.token_order, key_valid, backend, text_queries(slot.layout))
+        return grouped_attention(q, k, v, slot.groups, slot.token_order, key_valid, backend, text_queries(slot.layout),
+                                 slot.dense)
 
 
 class SparseAttnProcessor:
@@ -190,46 +246,101 @@ class SparseAttnProcessor:
                 by_spec.setdefault(json.dumps(spec, sort_keys=True), []).append(h)
             self._head_groups.append(list(by_spec.items()))
 
+    # ------------------------------------------------------------------ diffusers' attention backend
+    @property
+    def _attention_backend(self):
+        """The model's attention backend (diffusers' ``set_attention_backend`` sets it, and
+        ``reset_attention_backend`` clears it, on every processor that has this attribute): the stock
+        processors this one wraps run with it, and so do the dense heads and text rows of sparse
+        layers where the stock processor dispatches through diffusers. None: diffusers' active one."""
+        return self.__dict__.get("_user_attention_backend")
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self.__dict__["_user_attention_backend"] = backend
+        for binding in self._bindings.values():
+            self._share_backend(binding.slots)
+
+    def _share_backend(self, slots) -> None:
+        backend = self._attention_backend
+        for slot in slots:
+            if hasattr(slot.stock, "_attention_backend"):
+                slot.stock._attention_backend = backend
+                slot.dense = diffusers_dense(backend)
+            else:  # this family's stock processor calls SDPA itself (CogVideoX, Mochi)
+                slot.dense = dense_attention
+
     # ------------------------------------------------------------------ binding to a transformer
     def bind(self, transformer, scheduler=None) -> Binding:
         """Attach to ``transformer``: check the plan fits, give each attention module its slot and
         install the pre-hook. Done by :func:`sparse_vdit.apply`, or by the first attention call after
         ``set_attn_processor``."""
         key = id(transformer)
-        if key in self._bindings:
+        binding = self._bindings.get(key)
+        if binding is not None and binding.model() is transformer:
             if scheduler is not None:
-                self._bindings[key].scheduler = scheduler
-            return self._bindings[key]
+                binding.scheduler = scheduler
+            return binding
         adapter = adapter_for(transformer)
         check_plan(self.plan, transformer)
         layer_of = {id(m): i for i, (_, m) in enumerate(adapter.attention_layers(transformer))}
         slots = []
         for _, m in adapter.processor_modules(transformer):
-            # The processor in place now is the stock one, unless this processor already replaced it.
+            # The processor in place now is the stock one, unless this processor already replaced it
+            # (then the stock one is the slot's, which a deep copy of a bound model carries).
             current = getattr(m, "processor", None)
-            stock = current if current is not None and not isinstance(current, SparseAttnProcessor) \
-                else adapter.stock_processor(m)
-            slot = LayerSlot(stock=stock, adapter=adapter, layer=layer_of.get(id(m)))
+            old = getattr(m, _SLOT, None)
+            if current is not None and not isinstance(current, SparseAttnProcessor):
+                stock = current
+            else:
+                stock = old.stock if old is not None else adapter.stock_processor(m)
+            slot = LayerSlot(stock=stock, adapter=adapter, layer=layer_of.get(id(m)), owner=self)
             object.__setattr__(m, _SLOT, slot)  # a plain attribute, not a submodule
             slots.append(slot)
-        binding = Binding(adapter, slots, scheduler=scheduler)
-        ref = weakref.ref(self)  # the hook must not keep the processor alive
-
-        def pre_hook(module, args, kwargs):
-            proc = ref()
-            if proc is not None:
-                proc._on_forward(binding, module, args, kwargs)
-
-        binding.hook = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        if self._attention_backend is None:  # set_attention_backend before apply: the stock ones carry it
+            self.__dict__["_user_attention_backend"] = next(
+                (s.stock._attention_backend for s in slots if getattr(s.stock, "_attention_backend", None) is not None),
+                None)
+        self._share_backend(slots)
+        binding = Binding(adapter, slots, model=weakref.ref(transformer), scheduler=scheduler)
+        # The transformer refers to its processor weakly (the hook must not keep it alive), through
+        # an attribute that deep copies follow; one hook per transformer, whichever processor serves it.
+        object.__setattr__(transformer, _PROC, _ProcessorRef(self))
+        if not _has_pre_hook(transformer):
+            transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
         self._bindings[key] = binding
         return binding
 
+    def _binding_for(self, transformer) -> Binding:
+        """The binding of ``transformer``; a model this processor does not know yet (a deep copy of
+        a bound one) is bound now."""
+        binding = self._bindings.get(id(transformer))
+        if binding is None or binding.model() is not transformer:
+            self._bindings.pop(id(transformer), None)
+            binding = self.bind(transformer)
+        return binding
+
+    def __deepcopy__(self, memo):
+        """A copy serves the copied model only: same plan, backend and strategy (copied), no
+        bindings (the copy binds to the copied transformer on its first forward)."""
+        new = SparseAttnProcessor.__new__(SparseAttnProcessor)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name in ("_bindings", "_mask_cache"):
+                value = type(value)()
+            else:
+                value = copy.deepcopy(value, memo)
+            new.__dict__[name] = value
+        return new
+
     def unbind(self, transformer) -> None:
         binding = self._bindings.pop(id(transformer), None)
+        ref = transformer.__dict__.get(_PROC)
+        if ref is not None and ref() is self:
+            object.__delattr__(transformer, _PROC)
+            _drop_pre_hook(transformer)
         if binding is None:
             return
-        if binding.hook is not None:
-            binding.hook.remove()
         for _, m in binding.adapter.processor_modules(transformer):
             if hasattr(m, _SLOT):
                 object.__delattr__(m, _SLOT)
@@ -271,9 +382,10 @@ class SparseAttnProcessor:
     def binding(self, transformer=None) -> Binding:
         """The :class:`Binding` for ``transformer`` (default: the one bound last)."""
         if transformer is not None:
-            if id(transformer) not in self._bindings:
+            binding = self._bindings.get(id(transformer))
+            if binding is None or binding.model() is not transformer:
                 raise ValueError(f"this processor is not bound to that {type(transformer).__name__}")
-            return self._bindings[id(transformer)]
+            return binding
         if not self._bindings:
             raise ValueError("this processor is not bound to any transformer yet")
         return next(reversed(self._bindings.values()))
@@ -472,7 +584,7 @@ class SparseAttnProcessor:
         rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
         call_args = (hidden_states, encoder_hidden_states, attention_mask, rotary, *args)
         slot = getattr(attn, _SLOT, None)
-        if slot is None:
+        if slot is None or slot.owner is not self:  # not bound yet, or set by hand over another processor
             slot = self._bind_from_call(attn)
         if not self.attention.runs(slot):
             return slot.stock(attn, *call_args, **kwargs)

@@ -2,7 +2,8 @@
 their own token partitions (``peers``)."""
 from . import peers
 from .families import (DEFAULTS, FAMILIES, KINDS, MaskFamily, block_matrix, build, ladder, normalize_spec, radial_rule,
-                       head_densities, mask_layout, register_family, sink_blocks, spec_layout, spec_name, video_blocks)
+                       head_densities, mask_layout, register_family, sink_blocks, spec_layout, spec_name, svg_attend,
+                       video_blocks)
 from .layout import VideoLayout, check_tile
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "mask_layout",
     "head_densities",
     "video_blocks",
+    "svg_attend",
     "peers",
 ]

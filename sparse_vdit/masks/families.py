@@ -140,13 +140,28 @@ def _check_radial_attn(spec: Spec) -> None:
     if spec["variant"] not in ("wan", "hunyuan"):
         raise ValueError(f"radial_attn variant must be 'wan' or 'hunyuan' (the peer's two rules for "
                          f"neighbouring frames), got {spec['variant']!r}")
+    if spec["rule"] not in peers.RADIAL_RULES:
+        raise ValueError(f"radial_attn rule must be one of {list(peers.RADIAL_RULES)} (the peer's current "
+                         f"rule, then its 2025-10 one), got {spec['rule']!r}")
     _positive("radial_attn", "decay_factor", spec["decay_factor"])
     _peer_block("radial_attn", spec)
 
 
 def _check_svg(kind: str):
     def check(spec: Spec) -> None:
-        _positive(kind, "width_frames", spec["width_frames"])
+        if spec["mask"] not in ("attend", "select"):
+            raise ValueError(f"{kind} mask must be 'attend' (the mask Sparse VideoGen attends with) or "
+                             f"'select' (the mask it classifies heads with), got {spec['mask']!r}")
+        if spec["variant"] not in ("wan", "hunyuan"):
+            raise ValueError(f"{kind} variant must be 'wan' or 'hunyuan' (Sparse VideoGen's two rules), "
+                             f"got {spec['variant']!r}")
+        sp = spec["sparsity"]
+        if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not 0 < sp < 1:
+            raise ValueError(f"{kind} sparsity must be a number in (0, 1) (Sparse VideoGen's parameter: the "
+                             f"band's share of the attention map, 0.3 in its Wan scripts), got {sp!r}")
+        if spec["width_frames"] is not None:
+            _positive(kind, "width_frames", spec["width_frames"])
+        _nonneg_int(kind, "context", spec["context"], allow_none=True)
         _peer_block(kind, spec)
     return check
 
@@ -199,22 +214,41 @@ register_family(MaskFamily(
     doc="Sliding Tile Attention as FastVideo builds it: window in (6, 8, 8)-token tiles, its centre "
         "clamped inside the tile grid; exact on tile=(6, 8, 8), block=64"))
 register_family(MaskFamily(
-    "radial_attn", {"variant": "wan", "decay_factor": 1.0, "block": 128}, check=_check_radial_attn,
-    label=lambda s: f"radial_attn({s['variant']},{s['decay_factor']:g})", peer=lambda s, lay: peers.radial(s, lay),
-    ladder=({"decay_factor": 0.5}, {"decay_factor": 1.0}, {"decay_factor": 2.0}),
-    doc="Radial Attention as mit-han-lab builds it: frame-0 sink, in-frame raster band halving as the "
-        "frame distance doubles (floor 128 tokens), parity thinning; exact on raster order"))
+    "radial_attn", {"variant": "wan", "decay_factor": 1.0, "block": 128, "rule": "2025-11"},
+    check=_check_radial_attn,
+    label=lambda s: (f"radial_attn({s['variant']},{s['decay_factor']:g}"
+                     + ("" if s["rule"] == peers.RADIAL_RULES[0] else f",{s['rule']}") + ")"),
+    peer=lambda s, lay: peers.radial(s, lay),
+    ladder=({"decay_factor": 0.2}, {"decay_factor": 0.5}, {"decay_factor": 1.0}, {"decay_factor": 2.0}),
+    doc="Radial Attention as mit-han-lab builds it at 72788d4: frame-0 sink on Wan, whole frames at "
+        "distance <= 1, an in-frame raster band halving as the frame distance doubles (floor: one block), "
+        "parity thinning; rule='2025-10' keeps half a frame at distance 1 on Wan (af371ca); exact on raster order"))
+_SVG_DEFAULTS = {"mask": "attend", "variant": "wan", "sparsity": 0.25, "width_frames": None, "context": None,
+                 "block": 128}
+_SVG_LADDER = ({"sparsity": 0.1}, {"sparsity": 0.2}, {"sparsity": 0.3}, {"sparsity": 0.45})
+
+
+def _svg_label(kind: str):
+    def label(s: Spec) -> str:
+        if s["mask"] == "select":
+            reach = "" if s["width_frames"] is None else f",{s['width_frames']:g}"
+            return f"{kind}(select,{s['variant']}{reach})"
+        width = f"w={s['width_frames']:g}" if s["width_frames"] is not None else f"{s['sparsity']:g}"
+        return f"{kind}({s['variant']},{width})"
+    return label
+
+
 register_family(MaskFamily(
-    "svg_spatial", {"width_frames": 1.5, "block": 128}, check=_check_svg("svg_spatial"),
-    label=lambda s: f"svg_spatial({s['width_frames']:g})", peer=lambda s, lay: peers.svg_spatial(s, lay),
-    ladder=({"width_frames": 0.5}, {"width_frames": 1.0}, {"width_frames": 1.5}, {"width_frames": 2.5}),
-    doc="Sparse VideoGen's spatial head: a band of width_frames frames of raster 128-token blocks"))
+    "svg_spatial", dict(_SVG_DEFAULTS), check=_check_svg("svg_spatial"), label=_svg_label("svg_spatial"),
+    peer=lambda s, lay: peers.svg_spatial(s, lay), ladder=_SVG_LADDER,
+    doc="Sparse VideoGen's spatial head at 5ce7b01: mask='attend' is the token band it attends with, its "
+        "width from sparsity (or width_frames), with the first-frame sink on Wan; mask='select' is the "
+        "128-token block band it classifies heads with"))
 register_family(MaskFamily(
-    "svg_temporal", {"width_frames": 1.5, "block": 128, "order": "hwf"}, check=_check_svg("svg_temporal"),
-    label=lambda s: f"svg_temporal({s['width_frames']:g})", peer=lambda s, lay: peers.svg_temporal(s, lay),
-    ladder=({"width_frames": 0.5}, {"width_frames": 1.0}, {"width_frames": 1.5}, {"width_frames": 2.5}),
-    doc="Sparse VideoGen's temporal head: the same band on the position-major sequence; its heads run "
-        "position-major (order 'hwf'), exact on raster tiles"))
+    "svg_temporal", {**_SVG_DEFAULTS, "order": "hwf"}, check=_check_svg("svg_temporal"),
+    label=_svg_label("svg_temporal"), peer=lambda s, lay: peers.svg_temporal(s, lay), ladder=_SVG_LADDER,
+    doc="Sparse VideoGen's temporal head: svg_spatial's masks on the position-major sequence; its heads run "
+        "position-major (order 'hwf')"))
 register_family(MaskFamily(
     "svd_diagonal", {"width": 256, "block": 64}, check=_check_svd("svd_diagonal", ("width",)),
     label=lambda s: f"svd_diagonal({s['width']})", peer=lambda s, lay: peers.svd_diagonal(s, lay),
@@ -230,6 +264,21 @@ register_family(MaskFamily(
     label=lambda s: f"svd_stripe(f={s['frames']},{s['width']})", peer=lambda s, lay: peers.svd_stripe(s, lay),
     ladder=({"frames": 1, "width": 64}, {"frames": 1, "width": 256}),
     doc="Sparse-vDiT's vertical-stripe pattern: keys of the first frames, plus a width-token diagonal"))
+
+def svg_attend(spec: str | Spec, sparsity: float | None = None) -> Spec:
+    """The Sparse VideoGen mask a head classified with ``spec`` attends with: an ``svg_spatial`` or
+    ``svg_temporal`` ``mask="select"`` spec becomes the same kind and variant with ``mask="attend"``
+    (at ``sparsity``, default the family's); any other spec is returned unchanged (normalized).
+    ``SparsityPlan.map_specs(svg_attend)`` turns a plan calibrated on the selection masks into the
+    one SVG would run."""
+    s = normalize_spec(spec)
+    if s["kind"] not in ("svg_spatial", "svg_temporal") or s["mask"] != "select":
+        return s
+    out = {**s, "mask": "attend", "width_frames": None}
+    if sparsity is not None:
+        out["sparsity"] = sparsity
+    return normalize_spec(out)
+
 
 # Views of the registry, kept for callers that read them.
 DEFAULTS: dict[str, dict[str, Any]] = {k: f.defaults for k, f in FAMILIES.items()}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+import functools
 
 import torch
 
@@ -52,6 +52,20 @@ def check_order(order) -> str:
                          f"'fhw', or position-major 'hwf' as Sparse VideoGen's temporal heads), got {order!r}")
     return order
 
+
+
+def _cached(fn):
+    """A read-only property computed once per layout and kept in its ``_cache`` (like
+    ``functools.cached_property``, without its lock, which Dynamo cannot trace)."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def get(self):
+        cache = self._cache
+        if name not in cache:
+            cache[name] = fn(self)
+        return cache[name]
+    return property(get)
 
 @dataclass(frozen=True)
 class VideoLayout:
@@ -175,7 +189,7 @@ class VideoLayout:
         coords[c] = i % grid[c]
         return torch.stack(coords, dim=1)
 
-    @cached_property
+    @_cached
     def _token_order_cpu(self) -> torch.Tensor:
         tile = self.tile_shape
         a, b, c = self._axis_perm()
@@ -195,7 +209,7 @@ class VideoLayout:
         text[: self.text_len] = self.text_offset + torch.arange(self.text_len)
         return torch.cat([video, text]).to(torch.int32)
 
-    @cached_property
+    @_cached
     def order_digest(self) -> tuple[int, int]:
         """Fingerprint of :meth:`token_order`; masks built on this layout record it."""
         return order_digest(self._token_order_cpu)
@@ -244,7 +258,7 @@ class VideoLayout:
         video block (a block of padding only gets its tile's first frame twice). Shared: do not modify."""
         return self._frame_range
 
-    @cached_property
+    @_cached
     def _frame_range(self) -> torch.Tensor:
         order = self._token_order_cpu[: self.num_video_blocks * self.block_size].long()
         frame = torch.div(order - self.video_offset, self.height * self.width, rounding_mode="floor")
@@ -264,7 +278,7 @@ class VideoLayout:
         (masks neither visit nor fill them). Shared: do not modify."""
         return self._has_tokens
 
-    @cached_property
+    @_cached
     def _has_tokens(self) -> torch.Tensor:
         return (self._token_order_cpu.view(self.num_blocks, self.block_size) >= 0).any(1)
 

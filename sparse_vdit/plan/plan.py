@@ -7,7 +7,7 @@ import math
 import pathlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Callable, Any, Sequence
 
 from ..masks import normalize_spec, spec_name
 from ..masks.layout import check_block, check_order, check_tile
@@ -126,6 +126,14 @@ class SparsityPlan:
         spec = normalize_spec(spec)
         return cls([[spec] * heads for _ in range(layers)], tile=tile, dense_steps=dense_steps,
                    dense_layers=list(dense_layers), model=dict(model or {}), block=block, order=order)
+
+    def map_specs(self, fn: Callable[[dict[str, Any]], str | dict[str, Any]]) -> "SparsityPlan":
+        """A copy whose every head spec is ``fn(spec)`` (normalized), everything else kept. For example
+        ``plan.map_specs(sparse_vdit.masks.svg_attend)``: heads classified with Sparse VideoGen's
+        selection masks then attend with its runtime masks, as SVG does."""
+        out = copy.deepcopy(self)
+        out.heads = [[normalize_spec(fn(copy.deepcopy(s))) for s in row] for row in self.heads]
+        return out
 
     # ------------------------------------------------------------------ queries
     def layout_options(self) -> dict[str, Any]:
