@@ -9,6 +9,8 @@ import platform
 
 import torch
 
+from sparse_vdit.cli.common import HelpFormatter
+
 import sparse_vdit as sv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -47,7 +49,7 @@ def write_json(path: pathlib.Path, meta: dict, rows: list[dict]) -> pathlib.Path
 
 def cli_main(doc: str, add_arguments, run, argv=None):
     """``python -m benchmarks.X``: the same options as ``sparse-vdit bench X``."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv), p)
 

@@ -32,6 +32,20 @@ def wrap_title(text: str, fig_width_in: float, fontsize: float = 9) -> str:
     return "\n".join(textwrap.wrap(text, chars))
 
 
+def _frame_starts(layout, num_blocks: int, most: int = 64) -> list[tuple[int, str]]:
+    """(block index, colour): where each latent frame's blocks start (frame-major layouts whose tiles
+    hold one frame or a few) and where the text blocks start, for drawing; [] when the mask's blocks
+    are not this layout's."""
+    if layout.num_blocks != num_blocks or layout.order != "fhw":
+        return []
+    first = layout.frame_range_of_blocks()[:, 0]
+    starts = [i for i in range(1, first.numel()) if first[i] != first[i - 1]]
+    out = [(i, "tab:red") for i in starts] if len(starts) <= most else []
+    if layout.num_text_blocks:
+        out.append((layout.num_video_blocks, "tab:blue"))  # text blocks follow the video blocks
+    return out
+
+
 def save_mask_png(
     mask: BlockSparseMask | torch.Tensor,
     path: str | pathlib.Path,
@@ -40,12 +54,15 @@ def save_mask_png(
     title: str | None = None,
     names: list[str] | None = None,
     dpi: int = 100,
+    layout=None,
 ) -> pathlib.Path:
     """Save one head's block mask, or a grid of heads, as a PNG (white = visited key block).
 
     ``mask`` is a BlockSparseMask or a boolean block matrix [H, Mq, Mk] / [Mq, Mk]; ``names``
     optionally labels each head (e.g. the spec name). Each head is drawn with at least one pixel per
-    block, so no block is averaged away and equal heads look equal, however large the mask.
+    block, so no block is averaged away and equal heads look equal, however large the mask. With
+    the mask's ``layout`` (frame-major), thin lines mark where each latent frame's blocks start and
+    where the text blocks begin.
     """
     from matplotlib.patches import Patch
 
@@ -63,7 +80,8 @@ def save_mask_png(
     if bad:
         raise ValueError(f"heads {bad} out of range: the mask has {dense.shape[0]} heads")
     Mq, Mk = dense.shape[1:]
-    panel = max(3.2, 1.15 * max(Mq, Mk) / dpi + 0.8)  # inches: >= 1 pixel per block plus room for labels
+    panel = max(4.8, 1.15 * max(Mq, Mk) / dpi + 0.8)  # inches: >= 1 pixel per block plus room for labels
+    bounds = _frame_starts(layout, Mq) if layout is not None else []
     cols = min(len(heads), 4 if panel <= 4 else 2)
     rows = math.ceil(len(heads) / cols)
     fig, axes = figure(rows, cols, figsize=(panel * cols, panel * rows + 0.9), dpi=dpi)
@@ -72,6 +90,9 @@ def save_mask_png(
     for ax, h in zip(axes.flat, heads):
         d = dense[h].float()
         ax.imshow(d.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
+        for b, colour in bounds:
+            ax.axhline(b - 0.5, color=colour, lw=0.5, alpha=0.8)
+            ax.axvline(b - 0.5, color=colour, lw=0.5, alpha=0.8)
         label = names[h] if names and h < len(names) else f"head {h}"
         ax.set_title(f"{label}\ndensity {d.mean():.3f} ({Mq}x{Mk} blocks)", fontsize=8)
         ax.axis("on")
@@ -80,7 +101,11 @@ def save_mask_png(
         ax.tick_params(labelsize=6)
     legend = [Patch(facecolor="white", edgecolor="black", label="visited key block"),
               Patch(facecolor="black", edgecolor="black", label="skipped")]
-    fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    if bounds:
+        legend.append(Patch(facecolor="tab:red", label="frame starts"))
+        if any(c == "tab:blue" for _, c in bounds):
+            legend.append(Patch(facecolor="tab:blue", label="text blocks"))
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=7, frameon=False)
     top = 1.0
     if title:
         wrapped = wrap_title(title, panel * cols)

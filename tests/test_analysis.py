@@ -126,13 +126,18 @@ def test_transfer_with_a_sparse_plan_and_the_edit_cli(tmp_path):
     plan = sv.uniform_plan(pipe.transformer, "sliding_tile", dense_layers=[-1], tile=(1, 4, 4))
     g = torch.Generator().manual_seed(0)
     es, et = (torch.randn(1, 16, 64, generator=g) for _ in range(2))
-    out = sv.edit.transfer(pipe, source_embeds=es, target_embeds=et, plan=plan, layers=[0, 1], steps=[0, 1],
+    out = sv.edit.transfer(pipe, source_embeds=es, target_embeds=et, plan=plan, layers=[0, 1], transfer_steps=[0, 1],
                            height=64, width=64, num_frames=5, num_inference_steps=3, output_type="latent")
     assert torch.isfinite(out.frames).all()
-    plan.save(tmp_path / "plan.json")
-    assert main(["edit", "--tiny", "--num-steps", "3", "--plan", str(tmp_path / "plan.json"), "--layers", "0,1",
+    from sparse_vdit.testing import shapes
+
+    learned = shapes.learned_wan_pipeline()
+    sv.uniform_plan(learned.transformer, "sliding_tile", tile=(1, 4, 4)).save(tmp_path / "plan.json")
+    assert main(["edit", "--tiny", "--steps", "3", "--plan", str(tmp_path / "plan.json"), "--layers", "0,1",
                  "--out", str(tmp_path)]) == 0
     assert (tmp_path / "edit_side_by_side.png").stat().st_size > 1000
+    with pytest.raises(TypeError, match="transfer_steps"):  # one name per meaning: steps are the denoising steps
+        sv.edit.transfer(pipe, source_embeds=es, target_embeds=et, steps=[0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

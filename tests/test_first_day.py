@@ -220,7 +220,7 @@ CLI_MISTAKES = [
     (["calibrate", "--model", "DIR"], "--model needs --prompts FILE or --prompt-embeds FILE.pt"),
     (["calibrate", "--model", "DIR", "--prompts", "/nonexistent.txt"], "--prompts /nonexistent.txt: no such file"),
     (["calibrate", "--model", "DIR", "--prompt-embeds", "NOTAPLAN"], "not a torch.save file"),
-    (["calibrate", "--tiny", "sd3"], "--tiny 'sd3': valid families are"),
+    (["calibrate", "--tiny", "sd3"], "--tiny 'sd3': valid are"),
     (["calibrate", "--tiny", "--steps", "0"], "--steps must be >= 1"),
     (["calibrate", "--tiny", "--error-budget", "0"], "--error-budget must lie in (0, 1)"),
     (["calibrate", "--tiny", "--tile", "1,4"], "--tile takes 3 integers >= 0"),

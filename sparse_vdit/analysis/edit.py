@@ -83,14 +83,14 @@ def transfer(
     target_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
     layers: Iterable[int] | str | None = "all",
-    steps: Iterable[int] | str | None = "all",
+    transfer_steps: Iterable[int] | str | None = "all",
     heads: Iterable[int] | str | None = "all",
     plan: SparsityPlan | None = None,
     seed: int = 0,
     backend: str | None = None,
     **pipe_kwargs,
 ) -> Any:
-    """Generate ``source`` and ``target`` together; in ``layers`` x ``steps`` (``"all"``, or lists
+    """Generate ``source`` and ``target`` together; in ``layers`` x ``transfer_steps`` (``"all"``, or lists
     of plan-layer / denoising-step indices; ``None`` or ``[]`` for none) the target takes the
     source's self-attention maps (for ``heads``, default all). ``plan`` applies a sparse plan
     (the same masks serve both halves). Give text prompts, or ``source_embeds`` / ``target_embeds``
@@ -101,9 +101,12 @@ def transfer(
     if transformer is None:
         raise ValueError("transfer needs a diffusers pipeline (with a .transformer)")
     adapter_for(transformer)
+    if "steps" in pipe_kwargs:
+        raise TypeError("transfer(): the denoising steps where attention transfers are transfer_steps=...; "
+                        "the number of denoising steps is num_inference_steps=...")
     layers = [] if layers is None else layers
-    steps = [] if steps is None else steps
-    strategy = TransferAttention(layers, steps, heads, backend)
+    transfer_steps = [] if transfer_steps is None else transfer_steps
+    strategy = TransferAttention(layers, transfer_steps, heads, backend)
     kw = dict(pipe_kwargs)
     if source_embeds is not None or target_embeds is not None:
         if source_embeds is None or target_embeds is None or source_prompt or target_prompt:

@@ -9,6 +9,7 @@ attention cost. Partial measurements are saved after each prompt, so a run can s
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -229,17 +230,57 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
                     if frames:
                         spec["sinks"] = {"frames": frames}
             row.append(normalize_spec(spec))
+            by_option = {names[i]: float(worst[layer, i, h]) for i in range(len(options))}
+            reason = best_name = None
+            if spec["kind"] == "dense":
+                best_name = min(by_option, key=by_option.get)
+                if by_option[best_name] > error_budget:
+                    reason = f"best candidate error {by_option[best_name]:.3g} > budget {error_budget:g} ({best_name})"
+                else:
+                    reason = (f"the candidates within budget visit every block of this grid ({best_name}): "
+                              f"the grid is small for them")
             info.append({
                 "chosen": spec_name(spec),
+                "reason": reason,
+                "best_option": best_name,
                 "density": float(density[layer, int(choice[layer, h]), h]) if spec["kind"] != "dense" else 1.0,
                 "error": float(worst[layer, int(choice[layer, h]), h]) if spec["kind"] != "dense" else 0.0,
-                "worst_error_by_option": {names[i]: float(worst[layer, i, h]) for i in range(len(options))},
+                "worst_error_by_option": by_option,
             })
         heads.append(row)
         per_head.append(info)
     dense_layers = [i for i, row in enumerate(heads) if all(s["kind"] == "dense" for s in row)]
     return {"heads": heads, "dense_steps": float(warm), "dense_layers": dense_layers, "per_head": per_head,
             "expected_attention_cost": expected}
+
+
+def dense_reasons(plan) -> list[str]:
+    """Why the calibrated plan's dense heads are dense, one line per reason with its head count
+    (from ``plan.metrics["per_head"]``), e.g. ``"12/12 heads: best candidate error 0.31 > budget 0.05
+    (sliding_tile(3,3,3))"`` (the median error over those heads). Empty when no head is dense."""
+    per_head = plan.metrics.get("per_head") or []
+    total = sum(len(row) for row in per_head)
+    groups: dict[tuple[str, str], list[float]] = {}
+    for row in per_head:
+        for head in row:
+            reason = head.get("reason")
+            if reason is None:
+                continue
+            if reason.startswith("best candidate error"):
+                name = head["best_option"]
+                groups.setdefault(("error", name), []).append(head["worst_error_by_option"][name])
+            else:
+                groups.setdefault(("full", reason), []).append(0.0)
+    lines = []
+    budget = plan.metrics.get("error_budget")
+    for (kind, what), errors in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        if kind == "error":
+            median = sorted(errors)[len(errors) // 2]
+            lines.append(f"{len(errors)}/{total} heads dense: best candidate error {median:.3g} (median) > budget "
+                         f"{budget:g} ({what})")
+        else:
+            lines.append(f"{len(errors)}/{total} heads dense: {what}")
+    return lines
 
 
 def _sinks_of(records, layer, head) -> list[int]:
@@ -250,6 +291,23 @@ def _sinks_of(records, layer, head) -> list[int]:
     return sorted(frames)
 
 
+def _own_progress_bar(fn):
+    """Run ``fn(pipe, ...)`` with the pipeline's own per-generation progress bar off (calibration's
+    bar shows the prompt and step being measured; two bars would interleave), restored after."""
+    @functools.wraps(fn)
+    def wrapper(pipe_or_transformer, *args, **kwargs):
+        if not hasattr(pipe_or_transformer, "set_progress_bar_config"):
+            return fn(pipe_or_transformer, *args, **kwargs)
+        saved = dict(getattr(pipe_or_transformer, "_progress_bar_config", {}) or {})
+        pipe_or_transformer.set_progress_bar_config(**{**saved, "disable": True})
+        try:
+            return fn(pipe_or_transformer, *args, **kwargs)
+        finally:
+            pipe_or_transformer._progress_bar_config = saved
+    return wrapper
+
+
+@_own_progress_bar
 def calibrate(
     pipe_or_transformer,
     *,
@@ -387,6 +445,11 @@ def calibrate(
     if global_budget is not None:
         plan = _fit_global_budget(target, transformer, run, num_prompts, plan, make_plan, error_budget, global_budget)
     plan.metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    reasons = dense_reasons(plan)
+    plan.metrics["dense_reasons"] = reasons
+    if all(s["kind"] == "dense" for row in plan.heads for s in row):
+        warnings.warn("calibration kept every head dense: " + "; ".join(reasons) + ". Raise error_budget, or "
+                      "try other candidates (ladders=True searches each family's rungs)", stacklevel=3)
     return plan
 
 

@@ -25,9 +25,12 @@ def save_report(plan: SparsityPlan, folder: str | pathlib.Path) -> list[pathlib.
     error = torch.tensor([[h["error"] for h in row] for row in per_head])
     width = 4 + 0.35 * density.shape[1] * 2
     fig, axes = figure(1, 2, figsize=(width, 2.4 + 0.3 * density.shape[0]))
+    budget = plan.metrics.get("error_budget")
+    # the error scale runs to the budget (a dense head's error is 0), so equal colours mean equal errors
+    err_max = max(float(error.max()), float(budget) if budget else 0.0) or 1.0
     for ax, data, title, cmap, vmax in ((axes[0, 0], density, "chosen density (1 = dense)", "viridis", 1.0),
-                                        (axes[0, 1], error, f"error of the choice (budget {plan.metrics.get('error_budget')})",
-                                         "magma", max(float(error.max()), 1e-6))):
+                                        (axes[0, 1], error, f"error of the choice (budget {budget}; dense: 0)",
+                                         "magma", err_max)):
         im = ax.imshow(data.numpy(), cmap=cmap, vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
@@ -35,7 +38,10 @@ def save_report(plan: SparsityPlan, folder: str | pathlib.Path) -> list[pathlib.
         ax.set_yticks(range(data.shape[0]))
         ax.tick_params(labelsize=7)
         ax.set_title(wrap_title(title, width / 2), fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046)
+        bar.formatter.set_useOffset(False)  # no "1e-6" offset text over the panel title
+        bar.formatter.set_scientific(False)
+        bar.update_ticks()
     fig.suptitle(wrap_title(f"calibration: {plan.model.get('class', '')}, dense steps {plan.dense_steps}", width), fontsize=9)
     fig.tight_layout()
     heat = folder / "heatmap.png"

@@ -12,6 +12,7 @@ import pathlib
 import sys
 
 from . import analyze, calibrate, demo, edit, inspect
+from .common import HelpFormatter, first_sentence
 
 BENCHMARKS = {"kernel": "bench_kernel", "e2e": "bench_e2e", "calibration": "bench_calibration",
               "static": "bench_static", "backward": "bench_backward", "masks": "bench_masks",
@@ -46,8 +47,8 @@ def _add_bench(sub) -> None:
         except SystemExit:
             module = None
         doc = (module.__doc__ or "").split("\n\n")[0] if module else f"needs benchmarks/{module_name}.py"
-        bp = kinds.add_parser(kind, help=doc.splitlines()[0] if doc else kind, description=doc,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        bp = kinds.add_parser(kind, help=first_sentence(doc) or kind, description=doc,
+                              formatter_class=HelpFormatter)
         _common(bp)
         if module is not None:
             module.add_arguments(bp)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_source, check_fraction, checked_tile_and_steps, read_prompts
+from .common import HelpFormatter, add_model_source, check_fraction, checked_tile_and_steps, read_prompts
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="measure structure, sparsity, sinks and temperature; write a report",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     add_model_source(p, "an embedded tiny model (no download): wan (the planted pipeline, default), "
                           "hunyuan_video, cogvideox, ltx_video or mochi")
     p.add_argument("--prompts", help="with --model: a text file, one prompt per line (two or more for similarity)")

@@ -4,16 +4,17 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from .common import add_model_source, check_fraction, checked_tile_and_steps, read_prompts
+from .common import HelpFormatter, add_model_source, check_fraction, checked_tile_and_steps, read_prompts
 from .inspect import add_layout_options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="choose per-head masks for a model and write the plan with a report",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_source(p, "an embedded tiny model with random weights (no download): wan (a whole pipeline with "
-                          "planted local attention; the default), hunyuan_video, cogvideox, ltx_video or mochi "
-                          "(a transformer fed random latents)")
+                       description=__doc__, formatter_class=HelpFormatter)
+    add_model_source(p, "an embedded tiny model (no download): shapes (the tiny Wan trained on moving shapes, "
+                          "its attention learned: calibrates on two of its training prompts), or one with random "
+                          "weights: wan (a whole pipeline with planted local attention; the default), "
+                          "hunyuan_video, cogvideox, ltx_video or mochi (a transformer fed random latents)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompts", help="with --model: a text file, one prompt per line")
     text.add_argument("--prompt-embeds", metavar="FILE.pt",
@@ -82,11 +83,23 @@ def run(args, p) -> int:
         p.error(f"--global-budget must be > 0, got {args.global_budget}")
     if args.tiny and (args.prompts or args.prompt_embeds):
         p.error("--prompts / --prompt-embeds go with --model (the tiny models make their own inputs)")
-    if args.tiny and args.tiny != "wan":
+    if args.tiny == "shapes":
+        from sparse_vdit.testing import shapes
+
+        target = pipe = shapes.learned_wan_pipeline()
+        steps = min(args.steps, 20)
+        prompts = [shapes.TRAIN_SCENES[0].prompt, shapes.TRAIN_SCENES[18].prompt]
+        if args.global_budget:
+            prompts.append(shapes.TRAIN_SCENES[9].prompt)
+        gen = {k: v for k, v in shapes.GENERATE_DEFAULTS.items() if k != "num_inference_steps"}
+        kw = dict(prompts=prompts, negative_prompt="", **gen)
+        tile = (1, 4, 4) if args.tile == "1,8,8" else tile
+        print(f"calibrating the learned tiny Wan on {prompts}, {steps} steps", flush=True)
+    elif args.tiny and args.tiny != "wan":
         from sparse_vdit.testing import FAMILIES, runner
 
         if args.tiny not in FAMILIES:
-            p.error(f"--tiny {args.tiny!r}: valid families are {['wan', *[f for f in FAMILIES if f != 'wan']]}")
+            p.error(f"--tiny {args.tiny!r}: valid are {['shapes', 'wan', *[f for f in FAMILIES if f != 'wan']]}")
         steps = min(args.steps, 4)
         target, run = runner(args.tiny, steps)
 
@@ -131,6 +144,8 @@ def run(args, p) -> int:
     report = pathlib.Path(args.report) if args.report else out.parent / (out.stem + "_report")
     paths = sv.calibration.save_report(plan, report)
     print(plan.summary())
+    for line in plan.metrics.get("dense_reasons", []):
+        print("  " + line)
     print(f"calibrated in {plan.metrics['seconds']} s; expected attention cost {plan.metrics['expected_attention_cost']:.3f} "
           "of dense")
     print(f"saved: {out}, {', '.join(map(str, paths))}")

@@ -38,3 +38,18 @@ def read_prompts(path_text: str, p: argparse.ArgumentParser) -> list[str]:
     if not prompts:
         p.error(f"--prompts {path}: the file has no prompt (one per line)")
     return prompts
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except where there is none (no "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line (for ``--help`` listings)."""
+    text = " ".join((doc or "").split("\n\n")[0].split())
+    return text[: text.index(". ") + 1] if ". " in text else text

@@ -9,10 +9,13 @@ mask picture and the frames side by side (dense, sparse, difference).
 from __future__ import annotations
 
 import argparse
+
 import pathlib
 import time
 
 import torch
+
+from .common import HelpFormatter
 
 
 def _save_frames(dense: torch.Tensor, sparse: torch.Tensor, path: pathlib.Path, title: str) -> None:
@@ -39,7 +42,7 @@ def _save_frames(dense: torch.Tensor, sparse: torch.Tensor, path: pathlib.Path, 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="dense vs sparse on an embedded tiny Wan that learned moving shapes (no download)",
-                       description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for the plan, report, mask picture and frames")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--prompt", default="a red circle moves up", help="what to generate (a held-out combination)")
@@ -122,7 +125,7 @@ def run(args, p) -> int:
     print(f"sparse vs dense video: PSNR {quality_psnr:.1f} dB, SSIM {quality_ssim:.4f}")
     masks_png = sv.viz.save_mask_png(proc.mask_for(0, layout, "cpu"), out / "mask_layer0.png",
                                      names=[sv.masks.spec_name(s) for s in plan.layer_specs(0)],
-                                     title=f"layer 0 block masks, {layout.describe()}")
+                                     title=f"layer 0 block masks, {layout.describe()}", layout=layout)
     frames_png = out / "frames_dense_vs_sparse.png"
     _save_frames(dense_video, sparse_video, frames_png,
                  f"'{args.prompt}' (held out): sparse vs dense, PSNR {quality_psnr:.1f} dB, SSIM {quality_ssim:.3f}")

@@ -1,23 +1,29 @@
 """``sparse-vdit edit``: attention-map transfer editing. Generates a source and a target prompt
-together; in the chosen layers and steps the target takes the source's self-attention maps. Writes
-both videos' frames side by side."""
+together; in the chosen layers and denoising steps the target takes the source's self-attention
+maps. Writes the source, the target on its own, the target with the source's attention, and the
+difference the transfer made."""
 from __future__ import annotations
 
 import argparse
+
 import pathlib
+
+from .common import HelpFormatter
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="attention-map transfer: the target generated with the source's attention maps",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a local diffusers pipeline folder or a hub id (needs its weights)")
-    src.add_argument("--tiny", action="store_true", help="the embedded tiny Wan pipeline (random prompt embeddings)")
-    p.add_argument("--source", help="the source prompt (with --model)")
-    p.add_argument("--target", help="the target prompt (with --model)")
+    src.add_argument("--tiny", action="store_true",
+                     help="the embedded tiny Wan trained on moving shapes (32x32, 29 frames; CPU is fine)")
+    p.add_argument("--source", help="the source prompt (--tiny: 'a red circle moves right')")
+    p.add_argument("--target", help="the target prompt (--tiny: 'a blue square moves right')")
     p.add_argument("--layers", default="all", help="'all', 'none' or comma-separated plan layers that transfer")
-    p.add_argument("--steps", default="all", help="'all', 'none' or comma-separated denoising steps that transfer")
-    p.add_argument("--num-steps", type=int, default=50, help="denoising steps (the tiny model uses at most 10)")
+    p.add_argument("--transfer-steps", default="all",
+                   help="'all', 'none' or comma-separated denoising steps where attention transfers")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (the tiny model uses at most 20)")
     p.add_argument("--plan", help="a plan JSON to generate with (sparse attention; the same masks for both)")
     p.add_argument("--height", type=int, default=480, help="video height in pixels (with --model)")
     p.add_argument("--width", type=int, default=832, help="video width in pixels (with --model)")
@@ -39,23 +45,30 @@ def _indices(text: str, name: str, p):
         p.error(f"{name} takes 'all', 'none' or comma-separated ints, got {text!r}")
 
 
-def save_side_by_side(source, target, path: pathlib.Path, title: str) -> pathlib.Path:
-    """Four frames of each video, source above target. source, target: [F, C, H, W] in [0, 1]."""
+def save_side_by_side(source, own, target, path: pathlib.Path, title: str) -> pathlib.Path:
+    """Four frames of each video in rows: the source, the target with its own attention, the target
+    with the source's attention, and |transferred - own| (scaled to its largest value, so the rows
+    show where the transfer changed the target). Each video: [F, C, H, W] in [0, 1]."""
     import torch
 
     from ..viz import figure, wrap_title
 
+    diff = (target - own).abs().mean(1, keepdim=True)
+    scale = float(diff.max()) or 1.0
+    rows = ((source, "source"), (own, "target, own attention"), (target, "target, source's attention"),
+            (diff.expand_as(target) / scale, f"|difference| (max {scale:.2f})"))
     idx = torch.linspace(0, source.shape[0] - 1, 4).round().long().tolist()
-    fig, axes = figure(2, len(idx), figsize=(2.6 * len(idx), 5.6), dpi=70)
+    fig, axes = figure(len(rows), len(idx), figsize=(2.4 * len(idx), 2.3 * len(rows) + 0.6), dpi=80)
     for j, f in enumerate(idx):
-        for i, (video, label) in enumerate(((source, "source"), (target, "target (source's attention)"))):
-            axes[i, j].imshow(video[f].permute(1, 2, 0).clamp(0, 1).numpy())
+        for i, (video, label) in enumerate(rows):
+            axes[i, j].imshow(video[f].permute(1, 2, 0).clamp(0, 1).numpy(),
+                              interpolation="nearest", cmap=None)
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
             if j == 0:
                 axes[i, j].set_ylabel(label, fontsize=8)
         axes[0, j].set_title(f"frame {f}", fontsize=9)
-    fig.suptitle(wrap_title(title, 2.6 * len(idx)), fontsize=9)
+    fig.suptitle(wrap_title(title, 2.4 * len(idx)), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -67,34 +80,35 @@ def run(args, p) -> int:
 
     import sparse_vdit as sv
 
-    layers, steps = _indices(args.layers, "--layers", p), _indices(args.steps, "--steps", p)
-    if args.num_steps < 1:
-        p.error(f"--num-steps must be >= 1, got {args.num_steps}")
+    layers = _indices(args.layers, "--layers", p)
+    transfer_steps = _indices(args.transfer_steps, "--transfer-steps", p)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
     plan = sv.SparsityPlan.load(args.plan) if args.plan else None
-    kw = dict(layers=layers, steps=steps, plan=plan, seed=args.seed, output_type="pt")
+    kw = dict(layers=layers, transfer_steps=transfer_steps, plan=plan, seed=args.seed, output_type="pt")
     if args.tiny:
-        from sparse_vdit.testing import tiny_wan_pipeline
+        from sparse_vdit.testing import shapes
 
-        if args.source or args.target:
-            p.error("--source / --target go with --model (the tiny model uses random prompt embeddings)")
-        pipe = tiny_wan_pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        g = torch.Generator().manual_seed(args.seed + 1)
-        es, et, neg = (torch.randn(1, 16, 64, generator=g) for _ in range(3))
-        out = sv.edit.transfer(pipe, source_embeds=es, target_embeds=et, negative_prompt_embeds=neg, height=256,
-                               width=256, num_frames=29, num_inference_steps=min(args.num_steps, 10),
-                               guidance_scale=5.0, **kw)
-        title = "tiny Wan (random weights): target generated with the source's attention maps"
+        source_prompt = args.source or "a red circle moves right"
+        target_prompt = args.target or "a blue square moves right"
+        pipe = shapes.learned_wan_pipeline()
+        gen = {**shapes.GENERATE_DEFAULTS, "num_inference_steps": min(args.steps, 20)}
+        title = f"tiny Wan (learned): source {source_prompt!r}, target {target_prompt!r}"
     else:
         if not args.source or not args.target:
             p.error("--model needs --source PROMPT and --target PROMPT")
+        source_prompt, target_prompt = args.source, args.target
         pipe = sv.integration.load_pipeline(args.model)
-        out = sv.edit.transfer(pipe, args.source, args.target, height=args.height, width=args.width,
-                               num_frames=args.frames, num_inference_steps=args.num_steps, **kw)
-        title = f"source: {args.source!r} / target: {args.target!r} with the source's attention maps"
+        gen = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps)
+        title = f"source {source_prompt!r}, target {target_prompt!r}"
+    print(f"generating source and target with the source's attention ({gen['num_inference_steps']} steps), "
+          "then the target on its own", flush=True)
+    out = sv.edit.transfer(pipe, source_prompt, target_prompt, **gen, **kw)
+    own = sv.edit.transfer(pipe, source_prompt, target_prompt, **gen, **{**kw, "layers": None})
     frames = out.frames
     source, target = frames[0].float().cpu(), frames[1].float().cpu()
-    path = save_side_by_side(source, target, pathlib.Path(args.out) / "edit_side_by_side.png",
-                             f"{title} (layers {args.layers}, steps {args.steps})")
+    own_target = own.frames[1].float().cpu()
+    path = save_side_by_side(source, own_target, target, pathlib.Path(args.out) / "edit_side_by_side.png",
+                             f"{title} (layers {args.layers}, transfer steps {args.transfer_steps})")
     print(f"saved: {path}")
     return 0

@@ -199,7 +199,13 @@ class SparseAttention(AttentionStrategy):
     def attend(self, q, k, v, slot: LayerSlot, key_valid=None) -> torch.Tensor:
         local = slot.layout.seq_len // slot.ulysses.degree if slot.ulysses is not None else slot.layout.seq_len
         if q.shape[1] != local:
-            raise ValueError(f"attention sequence has {q.shape[1]} tokens but the latent grid gives {slot.layout.seq_len}")
+            lay = slot.layout
+            text = f" + {lay.text_len} text tokens" if lay.text_len else ""
+            per_rank = f" / {slot.ulysses.degree} Ulysses ranks" if slot.ulysses is not None else ""
+            raise ValueError(
+                f"attention sequence has {q.shape[1]} tokens but the latent grid {lay.frames}x{lay.height}x{lay.width} "
+                f"(frames x height x width after patchify, read from the transformer's inputs){text}{per_rank} gives "
+                f"{local}: the {type(slot.adapter).__name__} adapter reads a grid this model does not use")
         backend = self.backend or default_backend(q.device)
         if slot.ulysses is not None:  # tokens split over ranks: all tokens of this rank's heads, then back
             u, heads = slot.ulysses, q.shape[2]

@@ -396,10 +396,26 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
     if mask.device != q.device:
         raise ValueError(f"mask is on {mask.device} but q is on {q.device}: call mask.to(q.device) once")
     B, H, N, D = q.shape
+
+    def swapped() -> str:
+        """A hint when q looks like [B, N, H, D] (diffusers' layout) where [B, H, N, D] is expected."""
+        fits = mask.heads in (1, N) and H != N
+        if fits and token_order is not None:  # (an error path: the sync is fine here)
+            top = int(token_order.max()) if token_order.numel() else -1
+            fits = N <= top < H
+        elif fits:
+            try:
+                mask.check_seq_len(H)
+            except ValueError:
+                fits = False
+        return (f"; q looks like [B, N, H, D] = {tuple(q.shape)} (diffusers' layout): pass q, k, v .transpose(1, 2) "
+                f"(or use ops.sparse_attention, which takes [B, N, H, D])") if fits else ""
+
     if mask.batch not in (1, B):
         raise ValueError(f"mask batch dimension must be 1 (broadcast) or {B} (the batch size), got {mask.batch}")
     if mask.heads not in (1, H):
-        raise ValueError(f"mask head dimension must be 1 (broadcast) or {H} (the number of heads), got {mask.heads}")
+        raise ValueError(f"mask head dimension must be 1 (broadcast) or {H} (the number of heads), got {mask.heads}"
+                         + swapped())
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in TRITON_BACKENDS:
@@ -417,9 +433,15 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
         if mask.token_order_digest is not None:
             raise ValueError("this mask was built on a VideoLayout, whose blocks are tiles of the tiled order: pass "
                              "token_order=layout.token_order(q.device) (without it the blocks would be raster runs)")
-        mask.check_seq_len(N)
+        try:
+            mask.check_seq_len(N)
+        except ValueError as e:
+            raise ValueError(str(e) + swapped()) from None
         return
-    _check_order("token_order", token_order, q, mask, N)
+    try:
+        _check_order("token_order", token_order, q, mask, N)
+    except ValueError as e:
+        raise ValueError(str(e) + swapped()) from None
     if mask.token_order_digest is not None and not torch.compiler.is_compiling():
         given = order_facts(token_order, digest=True)[2]
         if given != tuple(mask.token_order_digest):

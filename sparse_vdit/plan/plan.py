@@ -176,7 +176,13 @@ class SparsityPlan:
             )
         return math.ceil(self.dense_steps * num_steps)
 
+    def __repr__(self) -> str:
+        """The short summary (``print(plan)``); the per-head measurements stay in ``plan.metrics``."""
+        extra = f"\n  metrics: {len(self.metrics)} entries (plan.metrics)" if self.metrics else ""
+        return self.summary() + extra
+
     def summary(self) -> str:
+        """A few lines: model, shape, layout, dense steps / layers / heads, and the masks used."""
         kinds: dict[str, int] = {}
         for layer in range(self.num_layers):
             for s in self.layer_specs(layer):
