@@ -8,11 +8,17 @@
 
 # pip install ARGS, its full output appended to LOG, the lines matching PATTERN shown as progress;
 # pip's exit status goes to LOG.status (the caller may run under set -e -o pipefail).
+# A line every 10 s while pip works silently (unpacking torch takes a minute).
 _sparse_vdit_pip() {
-  local log="$1" pattern="$2"
+  local log="$1" pattern="$2" beat start
   shift 2
+  start=$(date +%s)
+  { while sleep 10; do echo "[setup]   ... still installing ($(( $(date +%s) - start )) s)"; done; } &
+  beat=$!
   ( pip install "$@" 2>&1; echo $? >"$log.status" ) | tee -a "$log" \
     | { grep --line-buffered -E "$pattern" || true; } | sed -u 's/^/[setup]   /'
+  kill "$beat" 2>/dev/null
+  wait "$beat" 2>/dev/null || true
 }
 
 _sparse_vdit_setup() {
