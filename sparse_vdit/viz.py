@@ -111,7 +111,7 @@ def save_mask_png(
         wrapped = wrap_title(title, panel * cols)
         fig.suptitle(wrapped, fontsize=9)
         top = 1.0 - (0.25 + 0.16 * wrapped.count("\n")) / (panel * rows + 0.9)
-    fig.tight_layout(rect=(0, 0.4 / (panel * rows + 0.9), 1, top))
+    fig.tight_layout(rect=(0, 0.4 / (panel * rows + 0.9), 1, top), h_pad=2.5)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
