@@ -378,7 +378,7 @@ class MochiAdapter(ModelAdapter):
             key = _mochi_rotary(key, *image_rotary_emb)
         n_video = query.shape[1]
         text_valid = attention_mask.bool()  # [B, T]
-        if not bool((text_valid.int().diff(dim=1) <= 0).all()):
+        if not torch.compiler.is_compiling() and not bool((text_valid.int().diff(dim=1) <= 0).all()):
             raise ValueError("Mochi prompt masks must mark a prefix of the prompt tokens as valid")
         key_valid = torch.cat([text_valid.new_ones(text_valid.shape[0], n_video), text_valid], dim=1)
         out = attend(torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1), key_valid=key_valid)

@@ -65,6 +65,51 @@ def _pre_hook(module, args, kwargs):
         proc._on_forward(proc._binding_for(module), module, args, kwargs)
 
 
+_RESOLVED: dict[tuple, dict] = {}  # (processor, binding, grid, device, phase) -> layout, order, head groups
+_LIVE: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()  # id -> processor
+
+
+@torch.compiler.assume_constant_result
+def _resolve(proc_id: int, binding_id: int, frames: int, height: int, width: int, text_len: int, device: str,
+             warm_up: bool) -> tuple:
+    """Run at trace time, eagerly: build what a compiled forward needs and return its key."""
+    key = (proc_id, binding_id, frames, height, width, text_len, device, warm_up)
+    if key not in _RESOLVED:
+        proc = _LIVE[proc_id]
+        binding = next(b for b in proc._bindings.values() if id(b) == binding_id)
+        _RESOLVED[key] = proc._resolve_eager(binding, frames, height, width, text_len, device, warm_up)
+    return key
+
+
+def _watch_scheduler(scheduler, proc, binding) -> None:
+    """Have ``scheduler.step`` / ``set_timesteps`` tell ``proc`` of each step of ``binding`` (for a
+    compiled transformer; eager forwards count steps from the timestep themselves). One wrapper per
+    scheduler, any number of watchers (Wan 2.2's two transformers share one scheduler)."""
+    watchers = scheduler.__dict__.get("_sparse_vdit_watchers")
+    if watchers is None:
+        watchers = scheduler.__dict__["_sparse_vdit_watchers"] = []
+        step, set_timesteps = scheduler.step, scheduler.set_timesteps
+
+        def notify(new_generation: bool) -> None:
+            for proc_ref, binding_ref in list(watchers):
+                p, b = proc_ref(), binding_ref()
+                if p is not None and b is not None:
+                    p._compiled_step(b, new_generation)
+
+        def watched_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            notify(False)
+            return out
+
+        def watched_set_timesteps(*args, **kwargs):
+            out = set_timesteps(*args, **kwargs)
+            notify(True)
+            return out
+        scheduler.step, scheduler.set_timesteps = watched_step, watched_set_timesteps
+    if not any(b() is binding for _, b in watchers):
+        watchers.append((weakref.ref(proc), weakref.ref(binding)))
+
+
 def _has_pre_hook(module) -> bool:
     return any(h is _pre_hook for h in module._forward_pre_hooks.values())
 
@@ -165,6 +210,8 @@ class Binding:
     last_t: float | None = None
     scheduler: Any = None  # a pipeline's scheduler, to know the number of steps
     warned_first_forward: bool = False
+    warm_up: bool = True  # the phase of the current step (a compiled forward reads it)
+    compiled: bool = False  # a compiled forward ran: the scheduler then advances the step
     stats: dict[str, int] = field(default_factory=lambda: {"sparse": 0, "dense": 0})
 
 
@@ -240,6 +287,7 @@ class SparseAttnProcessor:
         self.attention = attention if attention is not None else SparseAttention(backend)
         self.num_inference_steps: int | None = None
         self._bindings: dict[int, Binding] = {}  # id(transformer) -> binding
+        _LIVE[id(self)] = self
         # (layout, device) -> {spec or layer key -> mask / head groups}, least recently used first
         self._mask_cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self._layer_keys = [json.dumps(plan.layer_specs(i), sort_keys=True) for i in range(plan.num_layers)]
@@ -286,6 +334,7 @@ class SparseAttnProcessor:
         if binding is not None and binding.model() is transformer:
             if scheduler is not None:
                 binding.scheduler = scheduler
+                _watch_scheduler(scheduler, self, binding)
             return binding
         adapter = adapter_for(transformer)
         check_plan(self.plan, transformer)
@@ -309,6 +358,9 @@ class SparseAttnProcessor:
                 None)
         self._share_backend(slots)
         binding = Binding(adapter, slots, model=weakref.ref(transformer), scheduler=scheduler)
+        binding.warm_up = self._warm_up(binding)
+        if scheduler is not None:
+            _watch_scheduler(scheduler, self, binding)
         # The transformer refers to its processor weakly (the hook must not keep it alive), through
         # an attribute that deep copies follow; one hook per transformer, whichever processor serves it.
         object.__setattr__(transformer, _PROC, _ProcessorRef(self))
@@ -316,6 +368,25 @@ class SparseAttnProcessor:
             transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
         self._bindings[key] = binding
         return binding
+
+    def _warm_up(self, binding: Binding) -> bool:
+        """Whether ``binding.step`` is a dense warm-up step (a fraction of unknown steps: yes if any)."""
+        try:
+            return binding.step < self.plan.dense_step_count(self._num_steps(binding))
+        except ValueError:
+            return bool(self.plan.dense_steps)
+
+    def _compiled_step(self, binding: Binding, new_generation: bool) -> None:
+        """The step count of a compiled transformer, which its traced pre-hook cannot keep: advanced
+        by the bound scheduler's ``step`` and reset by its ``set_timesteps`` (outside the graph)."""
+        if not binding.compiled:
+            if new_generation:  # eager forwards count steps themselves; a compiled one may come next
+                step, binding.step = binding.step, 0
+                binding.warm_up = self._warm_up(binding)
+                binding.step = step
+            return
+        binding.step = 0 if new_generation else binding.step + 1
+        binding.warm_up = self._warm_up(binding)  # a guard of the compiled graph: it recompiles once per phase
 
     def _binding_for(self, transformer) -> Binding:
         """The binding of ``transformer``; a model this processor does not know yet (a deep copy of
@@ -415,7 +486,43 @@ class SparseAttnProcessor:
             b.step, b.last_t = 0, None
 
     # ------------------------------------------------------------------ per forward (outside compiled code)
+    def _on_forward_compiled(self, binding: Binding, model, args, kwargs):
+        """The pre-hook under torch.compile: only shape reads and attribute writes are traced; the
+        layout, masks and head groups are resolved eagerly at trace time (``_resolve``, a constant
+        for Dynamo), keyed by the grid and the phase. The step does not advance from the timestep
+        here (its value is not known while tracing); the phase is the one of ``binding.step``."""
+        if getattr(model, "_parallel_config", None) is not None:
+            raise RuntimeError("whole-model torch.compile with diffusers' context parallelism is not supported by "
+                               "sparse_vdit yet: compile the transformer blocks instead (compile_repeated_blocks)")
+        frames, height, width = binding.adapter.latent_grid(model, args, kwargs)
+        text_len = binding.adapter.text_len(model, args, kwargs)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        device = str(hidden.device) if isinstance(hidden, torch.Tensor) else "cpu"
+        # Branch on the phase (not only pass it on): Dynamo then guards on it, one graph per phase.
+        warm_up = True if binding.warm_up else False
+        key = _resolve(id(self), id(binding), int(frames), int(height), int(width), int(text_len), device, warm_up)
+        state = _RESOLVED[key]
+        binding.layout = state["layout"]
+        binding.compiled = True
+        for slot, groups in zip(binding.slots, state["groups"]):
+            slot.groups = groups
+            slot.token_order = state["order"]
+            slot.layout = state["layout"]
+        # (binding.stats are not counted here: a traced int would be a guard, a recompile per call)
+
+    def _resolve_eager(self, binding: Binding, frames, height, width, text_len, device, warm_up) -> dict:
+        layout = VideoLayout(frames, height, width, **self.plan.layout_options(), text_len=text_len,
+                             text_position=binding.adapter.text_position)
+        device = torch.device(device)
+        groups = []
+        for slot in binding.slots:
+            sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
+            groups.append(self.head_groups(slot.layer, layout, device) if sparse else None)
+        return {"layout": layout, "order": layout.token_order(device), "groups": groups}
+
     def _on_forward(self, binding: Binding, model, args, kwargs):
+        if torch.compiler.is_compiling():
+            return self._on_forward_compiled(binding, model, args, kwargs)
         frames, height, width = binding.adapter.latent_grid(model, args, kwargs)
         text_len = binding.adapter.text_len(model, args, kwargs)
         layout = VideoLayout(frames, height, width, **self.plan.layout_options(), text_len=text_len,
@@ -433,6 +540,7 @@ class SparseAttnProcessor:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
         warm_up = binding.step < self.plan.dense_step_count(self._num_steps(binding))
+        binding.warm_up = warm_up
         order = binding.layout.token_order(device)
         ulysses = ulysses_of(model, sparse=not warm_up and not all(self._layer_dense))
         parallel_config = getattr(model, "_parallel_config", None)

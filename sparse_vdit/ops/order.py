@@ -20,6 +20,8 @@ def tiled_position(order: torch.Tensor, seq_len: int) -> torch.Tensor:
 def key_order(order: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     """``order`` with the tokens that ``key_valid`` (bool [N], model order) rules out set to -1."""
     keys = torch.where((order >= 0) & key_valid[order.clamp(min=0).long()], order, torch.full_like(order, -1))
+    if torch.compiler.is_compiling():  # the validation cache is eager-only (the custom op checks nothing traced)
+        return keys
     facts = _VALID_ORDERS.get(order)
     if facts is not None and facts[0] == order._version:
         # Within the parent's range by construction: checking it would be a read-back per call.
