@@ -83,3 +83,26 @@ def test_compiled_transformer_in_a_pipeline_recompiles_once_per_phase():
         sv.remove(pipe)
         torch._dynamo.reset()
     assert counter.frame_count <= 4  # hook and forward, once per phase
+
+
+def test_a_deep_copy_of_an_applied_model_compiles_with_its_own_processor():
+    import copy
+
+    torch._dynamo.reset()
+    model, call = make("wan")
+    proc = sv.apply(model, _plan(model, "sparse"))
+    try:
+        with torch.no_grad():
+            eager = call(model)
+        twin = copy.deepcopy(model)
+        with pytest.raises(Exception, match="not bound to it yet"), torch.no_grad():  # bound outside a trace only
+            call(torch.compile(twin, fullgraph=True, backend="aot_eager"))
+        torch._dynamo.reset()
+        with torch.no_grad():
+            call(twin)  # its first forward binds the copy's own processor
+            out = call(torch.compile(twin, fullgraph=True, backend="aot_eager"))
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+        assert not proc._compiled  # the copy's compiled states are the copy's processor's
+    finally:
+        sv.remove(model)
+        torch._dynamo.reset()

@@ -61,23 +61,32 @@ def _pre_hook(module, args, kwargs):
     it), so a deep copy of the transformer runs it for the copy's own processor."""
     ref = module.__dict__.get(_PROC)
     proc = ref() if ref is not None else None
-    if proc is not None:
-        proc._on_forward(proc._binding_for(module), module, args, kwargs)
+    if proc is None:
+        return
+    if torch.compiler.is_compiling():  # binding cannot happen inside a trace
+        binding = proc._bindings.get(id(module))
+        if binding is None or binding.model() is not module:
+            raise RuntimeError("this transformer's SparseAttnProcessor is not bound to it yet (a deep copy, or a "
+                               "processor set by hand): call sparse_vdit.apply(model, plan) or run one forward "
+                               "before compiling it")
+    else:
+        binding = proc._binding_for(module)
+    proc._on_forward(binding, module, args, kwargs)
 
 
-_RESOLVED: dict[tuple, dict] = {}  # (processor, binding, grid, device, phase) -> layout, order, head groups
 _LIVE: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()  # id -> processor
 
 
 @torch.compiler.assume_constant_result
 def _resolve(proc_id: int, binding_id: int, frames: int, height: int, width: int, text_len: int, device: str,
              warm_up: bool) -> tuple:
-    """Run at trace time, eagerly: build what a compiled forward needs and return its key."""
-    key = (proc_id, binding_id, frames, height, width, text_len, device, warm_up)
-    if key not in _RESOLVED:
-        proc = _LIVE[proc_id]
+    """Run at trace time, eagerly: build what a compiled forward needs (kept by the processor, in
+    ``_compiled``) and return its key."""
+    key = (binding_id, frames, height, width, text_len, device, warm_up)
+    proc = _LIVE[proc_id]
+    if key not in proc._compiled:
         binding = next(b for b in proc._bindings.values() if id(b) == binding_id)
-        _RESOLVED[key] = proc._resolve_eager(binding, frames, height, width, text_len, device, warm_up)
+        proc._compiled[key] = proc._resolve_eager(binding, frames, height, width, text_len, device, warm_up)
     return key
 
 
@@ -287,6 +296,8 @@ class SparseAttnProcessor:
         self.attention = attention if attention is not None else SparseAttention(backend)
         self.num_inference_steps: int | None = None
         self._bindings: dict[int, Binding] = {}  # id(transformer) -> binding
+        # What compiled forwards read, per (binding, grid, device, phase): built at trace time by _resolve.
+        self._compiled: dict[tuple, dict] = {}
         _LIVE[id(self)] = self
         # (layout, device) -> {spec or layer key -> mask / head groups}, least recently used first
         self._mask_cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
@@ -317,10 +328,11 @@ class SparseAttnProcessor:
 
     def _share_backend(self, slots) -> None:
         backend = self._attention_backend
+        dispatched = diffusers_dense(backend)
         for slot in slots:
             if hasattr(slot.stock, "_attention_backend"):
                 slot.stock._attention_backend = backend
-                slot.dense = diffusers_dense(backend)
+                slot.dense = dispatched
             else:  # this family's stock processor calls SDPA itself (CogVideoX, Mochi)
                 slot.dense = dense_attention
 
@@ -403,11 +415,12 @@ class SparseAttnProcessor:
         new = SparseAttnProcessor.__new__(SparseAttnProcessor)
         memo[id(self)] = new
         for name, value in self.__dict__.items():
-            if name in ("_bindings", "_mask_cache"):
+            if name in ("_bindings", "_mask_cache", "_compiled"):
                 value = type(value)()
             else:
                 value = copy.deepcopy(value, memo)
             new.__dict__[name] = value
+        _LIVE[id(new)] = new
         return new
 
     def unbind(self, transformer) -> None:
@@ -501,7 +514,7 @@ class SparseAttnProcessor:
         # Branch on the phase (not only pass it on): Dynamo then guards on it, one graph per phase.
         warm_up = True if binding.warm_up else False
         key = _resolve(id(self), id(binding), int(frames), int(height), int(width), int(text_len), device, warm_up)
-        state = _RESOLVED[key]
+        state = self._compiled[key]
         binding.layout = state["layout"]
         binding.compiled = True
         for slot, groups in zip(binding.slots, state["groups"]):
@@ -511,22 +524,30 @@ class SparseAttnProcessor:
         # (binding.stats are not counted here: a traced int would be a guard, a recompile per call)
 
     def _resolve_eager(self, binding: Binding, frames, height, width, text_len, device, warm_up) -> dict:
-        layout = VideoLayout(frames, height, width, **self.plan.layout_options(), text_len=text_len,
-                             text_position=binding.adapter.text_position)
+        layout = self._layout(binding, frames, height, width, text_len)
         device = torch.device(device)
-        groups = []
-        for slot in binding.slots:
-            sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
-            groups.append(self.head_groups(slot.layer, layout, device) if sparse else None)
+        groups = [self._slot_groups(slot, layout, device, warm_up, None) for slot in binding.slots]
         return {"layout": layout, "order": layout.token_order(device), "groups": groups}
+
+    def _layout(self, binding: Binding, frames, height, width, text_len) -> VideoLayout:
+        return VideoLayout(frames, height, width, **self.plan.layout_options(), text_len=text_len,
+                           text_position=binding.adapter.text_position)
+
+    def _slot_groups(self, slot: LayerSlot, layout: VideoLayout, device, warm_up: bool, ulysses):
+        """The head groups ``slot`` runs in a forward, None where it runs dense (warm-up, a dense
+        layer, attention the plan does not cover)."""
+        if slot.layer is None or warm_up or self._layer_dense[slot.layer]:
+            return None
+        if ulysses is None:
+            return self.head_groups(slot.layer, layout, device)
+        return self.head_groups(slot.layer, layout, device, ulysses.degree, ulysses.rank)  # this rank's heads
 
     def _on_forward(self, binding: Binding, model, args, kwargs):
         if torch.compiler.is_compiling():
             return self._on_forward_compiled(binding, model, args, kwargs)
         frames, height, width = binding.adapter.latent_grid(model, args, kwargs)
         text_len = binding.adapter.text_len(model, args, kwargs)
-        layout = VideoLayout(frames, height, width, **self.plan.layout_options(), text_len=text_len,
-                             text_position=binding.adapter.text_position)
+        layout = self._layout(binding, frames, height, width, text_len)
         if binding.layout != layout:
             binding.layout = layout
         t = binding.adapter.timestep(args, kwargs)
@@ -548,13 +569,8 @@ class SparseAttnProcessor:
             slot.ulysses = ulysses
             if parallel_config is not None and hasattr(slot.stock, "_parallel_config"):
                 slot.stock._parallel_config = parallel_config  # dense layers run diffusers' own parallel attention
-            sparse = slot.layer is not None and not warm_up and not self._layer_dense[slot.layer]
-            if not sparse:
-                slot.groups = None
-            elif ulysses is None:
-                slot.groups = self.head_groups(slot.layer, binding.layout, device)
-            else:  # this rank's heads after the all-to-all
-                slot.groups = self.head_groups(slot.layer, binding.layout, device, ulysses.degree, ulysses.rank)
+            slot.groups = self._slot_groups(slot, binding.layout, device, warm_up, ulysses)
+            sparse = slot.groups is not None
             slot.token_order = order
             slot.layout = binding.layout
             slot.step = binding.step

@@ -327,16 +327,13 @@ def _svg(spec: Spec, layout: VideoLayout, temporal: bool) -> PeerMask:
             mul = svg_width_frames(spec["sparsity"], context, F, S)
         if variant == "wan":
             W = math.ceil(mul * S / B) * B
-            m = W // B
-            full = dist < m
-            band_partial = dist == m
             band = lambda q, k: (q - k).abs() <= W  # noqa: E731
         else:
             W = math.floor(mul * S / B) * B
-            m = W // B
-            full = dist < m
-            band_partial = dist == m
             band = lambda q, k: (q - k).abs() < W  # noqa: E731
+        # W is m whole blocks: block distance < m is inside the band, m is cut by its edge, beyond is out
+        m = W // B
+        full, band_partial = dist < m, dist == m
         predicate = (lambda q, k: band(q, k) | (k < S)) if sink else band
     partial = None
     if sink:
