@@ -2,6 +2,7 @@
 import torch
 
 from sparse_vdit.ops import reference_attention
+from sparse_vdit.testing.counting import DispatchCounter
 
 
 def rand_qkv(B, H, N, D, dtype, device="cpu", layout="bhnd"):
@@ -41,67 +42,7 @@ def check_against_reference(o, lse, q, k, v, mask, token_order=None, scale=None,
     return err, tol
 
 
-class SyncCounter:
+class SyncCounter(DispatchCounter):
     """Counts host syncs (``_local_scalar_dense``, ``nonzero``, ``item``, boolean indexing, ...) while
-    active: a ``TorchDispatchMode`` that also sees inside sparse_vdit's custom ops (their Python bodies
-    run in place of the opaque ops) and leaves out what the Triton interpreter does to run a kernel
-    (on a GPU that is a launch, not host work)."""
-
-    SYNC_OPS = ("_local_scalar_dense", "nonzero", "item", "masked_select", "is_nonzero", "equal",
-                "repeat_interleave.Tensor", "unique")
-
-    def __init__(self):
-        self.syncs: list[str] = []
-
-    def __enter__(self):
-        import contextlib
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            paused = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                name = func.name().split("::")[-1]
-                if not Mode.paused:
-                    bool_index = "index" in name and any(
-                        isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                        for a in args if isinstance(a, (list, tuple)) for i in a)
-                    if bool_index or any(name == s or name.startswith(s + ".") for s in counter.SYNC_OPS):
-                        import traceback
-
-                        where = [f for f in traceback.extract_stack() if "sparse_vdit" in f.filename][-1:]
-                        counter.syncs.append(f"{name} at {where[0].filename.split('sparse_vdit/')[-1]}:{where[0].lineno}"
-                                             if where else name)
-                return func(*args, **kwargs)
-
-        self._stack = contextlib.ExitStack()
-        mp = self._stack.enter_context(__import__("pytest").MonkeyPatch.context())
-        import sparse_vdit.ops.attention as att
-        from torch._library.custom_ops import _maybe_get_opdef
-
-        mp.setattr(att, "block_sparse_attention_op", _maybe_get_opdef("sparse_vdit::block_sparse_attention")._init_fn)
-        try:
-            from triton.runtime.interpreter import GridExecutor
-
-            real_call = GridExecutor.__call__
-
-            def call(self_, *a, **k):
-                Mode.paused += 1
-                try:
-                    return real_call(self_, *a, **k)
-                finally:
-                    Mode.paused -= 1
-
-            mp.setattr(GridExecutor, "__call__", call)
-        except ImportError:
-            pass
-        self._stack.enter_context(Mode())
-        return self
-
-    def __exit__(self, *exc):
-        self._stack.close()
-        return False
+    active, inside sparse_vdit's custom ops too, leaving out what the Triton interpreter does to run
+    a kernel (on a GPU that is a launch, not host work): ``sparse_vdit.testing.counting``."""

@@ -16,7 +16,7 @@ from .common import HelpFormatter, first_sentence
 
 BENCHMARKS = {"kernel": "bench_kernel", "e2e": "bench_e2e", "calibration": "bench_calibration",
               "static": "bench_static", "backward": "bench_backward", "masks": "bench_masks",
-              "peers": "bench_peers", "quality": "bench_quality"}
+              "peers": "bench_peers", "quality": "bench_quality", "overhead": "bench_overhead", "edit": "bench_edit"}
 
 
 def benchmarks_module(name: str):
@@ -38,7 +38,8 @@ def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: kernel | e2e | calibration | static | backward | masks | peers | quality (source checkout)",
+    p = sub.add_parser("bench", help="benchmarks: kernel | e2e | calibration | static | backward | masks | peers | quality | overhead | edit "
+                       "(source checkout)",
                        description="Benchmarks; results go to benchmarks/results/ with the device name.")
     kinds = p.add_subparsers(dest="bench", metavar="{" + ",".join(BENCHMARKS) + "}", required=True)
     for kind, module_name in BENCHMARKS.items():

@@ -71,9 +71,9 @@ def run(args, p) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # On the CPU the sparse runs take the exact torch_masked path (dense cost, same result); on a GPU
-    # the default (auto: the fastest exact Triton/Flex backend).
-    backend = None if device.type == "cuda" else "torch_masked"
+    # auto: the fastest exact backend for each shape, timed on first use (on the CPU the block-gather
+    # path or dense attention under the token mask; on a GPU the Triton kernels or FlexAttention).
+    backend = "auto"
 
     print(f"sparse_vdit {sv.__version__} demo on {device} ({dtype}): the tiny Wan trained on moving shapes")
     pipe = shapes.learned_wan_pipeline(dtype=dtype).to(device)

@@ -166,7 +166,10 @@ def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None
         return out
     a, n = text
     o_text = dense(q[:, a:a + n], k, v, key_valid=key_valid)
-    return torch.cat([out[:, :a], o_text, out[:, a + n:]], dim=1)  # not in place: autograd keeps out
+    if torch.is_grad_enabled() and (out.requires_grad or o_text.requires_grad):
+        return torch.cat([out[:, :a], o_text, out[:, a + n:]], dim=1)  # not in place: autograd keeps out
+    out[:, a:a + n] = o_text  # inference: the text rows go into the output, no second copy of it
+    return out
 
 
 def diffusers_dense(backend):

@@ -25,8 +25,9 @@ MAX_HEAD_DIM = 256
 
 
 def default_backend(device: torch.device) -> str:
-    """``auto`` on CUDA (the fastest exact backend, measured); the torch block-gather path elsewhere.
-    ``SPARSE_VDIT_BACKEND`` overrides."""
+    """``auto`` on CUDA (the fastest exact backend, measured); the torch block-gather path elsewhere
+    (one function under eager and compiled forwards alike; ``auto`` on the CPU times it against the
+    token-mask path). ``SPARSE_VDIT_BACKEND`` overrides."""
     env = os.environ.get("SPARSE_VDIT_BACKEND")
     if env:
         if env not in BACKENDS:
@@ -84,20 +85,60 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
     Mt = tile_counts.shape[-1]
     step = tile_rows * kv_block // math.gcd(tile_rows, kv_block)
     length = max(Mt * tile_rows, token_order.numel() if token_order is not None else N)
-    order, kv_order = _tiled_orders(q, token_order, kv_token_order, length, step)
+    t = _order_tables(q, token_order, length, step, kv_block)
+    # A key order (e.g. per batch element under a key mask) has tables of its own, cached the same way.
+    kt_ = t if kv_token_order is None else _order_tables(q, kv_token_order, length, step, kv_block, keys_only=True)
+    kv_gather, kv_valid, kv_block_pad = kt_.gather, kt_.valid, kt_.block_pad
     # Padding positions read token 0 (any finite row): their queries are dropped, their keys masked.
-    qt = q.index_select(2, order.clamp(min=0))
-    kt = k.index_select(2, kv_order.clamp(min=0))
-    vt = v.index_select(2, kv_order.clamp(min=0))
-    kv_valid = (kv_order >= 0).to(torch.int8)
-    kv_block_pad = (kv_valid.view(-1, kv_block) == 0).any(-1).to(torch.int8)
+    qt = q.index_select(2, t.gather)
+    kt = k.index_select(2, kv_gather)
+    vt = v.index_select(2, kv_gather)
     ot, lset = block_sparse_attention_tiled_fwd(qt, kt, vt, tile_counts, tile_indices, tile_flags, kv_valid,
                                                 kv_block_pad, scale, tile_rows, q_block, kv_block)
-    pos = tiled_position(order, N)  # [N] tiled position of each token, -1 if the order leaves it out
-    missing = (pos < 0)[None, None, :]
-    o = ot.index_select(2, pos.clamp(min=0)).masked_fill(missing[..., None], 0.0)
-    lse = lset.index_select(2, pos.clamp(min=0)).masked_fill(missing, float("-inf"))
+    o = ot.index_select(2, t.pos)
+    lse = lset.index_select(2, t.pos)
+    if t.missing is not None:  # tokens the order leaves out: zeros and LSE -inf (in place, on fresh tensors)
+        o.masked_fill_(t.missing[None, None, :, None], 0.0)
+        lse.masked_fill_(t.missing[None, None, :], float("-inf"))
     return o, lse
+
+
+class _OrderTables:
+    """What the tiled path derives from a query order, once per order tensor and shape: the padded
+    order's gather positions, key validity (int8 per position and per key block) and the way back
+    (each token's tiled position; ``missing`` None when the order holds every token)."""
+
+    def __init__(self, q, token_order, length, step, kv_block, keys_only=False):
+        N = q.shape[2]
+        order, _ = _tiled_orders(q, token_order, None, length, step)
+        self.gather = order.clamp(min=0)
+        self.valid = (order >= 0).to(torch.int8)
+        self.block_pad = (self.valid.view(-1, kv_block) == 0).any(-1).to(torch.int8)
+        if keys_only:  # a key order: no way back
+            self.missing = self.pos = None
+            return
+        pos = tiled_position(order, N)
+        # Read back once per order (a sync on the first call only): later calls skip the fill.
+        self.missing = (pos < 0) if bool((pos < 0).any()) else None
+        self.pos = pos.clamp(min=0)
+
+
+_ORDER_TABLES = WeakIdKeyDictionary()
+
+
+def _order_tables(q, token_order, length, step, kv_block, keys_only=False) -> _OrderTables:
+    key = (q.shape[2], length, step, kv_block, str(q.device), keys_only,
+           None if token_order is None else token_order._version)
+    holder = token_order if token_order is not None else _NO_ORDER
+    per_order = _ORDER_TABLES.setdefault(holder, {})
+    if key not in per_order:
+        if len(per_order) >= 16:
+            per_order.clear()
+        per_order[key] = _OrderTables(q, token_order, length, step, kv_block, keys_only)
+    return per_order[key]
+
+
+_NO_ORDER = torch.empty(0)  # stands for "no token order" as a cache key
 
 
 def _tiled_orders(q, token_order, kv_token_order, length, step):
@@ -263,8 +304,10 @@ def _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> str:
     """The backend ``auto`` resolves to for this call (measured once per key on CUDA)."""
     from .auto import auto_key, cuda_time_ms, pick_backend
 
-    if q.device.type != "cuda" or torch.compiler.is_compiling():
-        return "torch" if q.device.type != "cuda" else "triton"
+    if torch.compiler.is_compiling():
+        return "triton" if q.device.type == "cuda" else "torch"
+    if q.device.type != "cuda":
+        return _auto_cpu(q, k, v, mask, scale, token_order, kv_token_order, return_lse)
     B, H, N, D = q.shape
     candidates = [b for b in ("triton", "triton_gather")
                   if unsupported(b, q.dtype, D, mask.q_block, mask.kv_block, "cuda") is None]
@@ -287,6 +330,32 @@ def _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> str:
                             if name != "sdpa" else torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
 
     return pick_backend(auto_key(q, mask, token_order, kv_token_order, return_lse), candidates, time_ms)
+
+
+# The token-level mask of ``torch_masked`` holds N x N booleans per mask head: beyond this, auto on the
+# CPU does not consider it.
+CPU_MASKED_MAX_BYTES = 1 << 28
+
+
+def _auto_cpu(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> str:
+    """Off CUDA: the faster of the block-gather path (``torch``) and dense attention under the token
+    mask (``torch_masked``, while its N x N mask is small), timed once per key on the call's inputs."""
+    from .auto import auto_key, cpu_time_ms, pick_backend
+
+    N = q.shape[2]
+    candidates = ["torch"]
+    if N * N * mask.batch * mask.heads <= CPU_MASKED_MAX_BYTES:
+        candidates.append("torch_masked")
+    if len(candidates) == 1:
+        return candidates[0]
+
+    def time_ms(name):
+        return cpu_time_ms(lambda: block_sparse_attention(q, k, v, mask, scale=scale, return_lse=return_lse,
+                                                          token_order=token_order, kv_token_order=kv_token_order,
+                                                          backend=name, check=False))
+
+    key = auto_key(q, mask, token_order, kv_token_order, return_lse) + (torch.is_grad_enabled(),)
+    return pick_backend(key, candidates, time_ms)
 
 
 def _current_arch() -> str | None:

@@ -3,8 +3,9 @@
 On the first call for a key (batch, heads, length, head_dim, dtype, block shape, whether tokens are
 reordered, density in tenths) every exact candidate runs on the call's own inputs: the tiled Triton
 kernel, the gather Triton kernel, compiled FlexAttention on the same block mask, and dense SDPA when
-the mask visits every block (then dense attention is the same function). The winner is cached;
-later calls with the key go straight to it. Off CUDA the choice is the torch backend. Backends that
+the mask visits every block (then dense attention is the same function). Off CUDA the candidates
+are the torch block-gather path and dense attention under the token mask (``torch_masked``, while
+its N x N mask is small). The winner is cached; later calls with the key go straight to it. Backends that
 cannot run the inputs (``ops.attention.unsupported``) are not tried; a broken install or a sticky CUDA
 error is raised, not taken for a candidate that lost.
 """
@@ -75,6 +76,19 @@ def cuda_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cpu_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
+    """Median wall-clock milliseconds of ``fn`` on the CPU, after one warm-up call."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 

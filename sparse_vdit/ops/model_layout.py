@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import block_sparse_attention
 from .mask import BlockSparseMask
@@ -24,9 +25,26 @@ def _per_batch(fn: Callable, token_order: torch.Tensor, key_valid: torch.Tensor 
     heads_first = [x.transpose(1, 2) for x in tensors]  # views, no copies
     if key_valid is None:
         return fn(*heads_first, None)
-    outs = [fn(*(x[b:b + 1] for x in heads_first), key_order(token_order, key_valid[b]))
-            for b in range(tensors[0].shape[0])]
-    return torch.cat(outs)
+    orders = _key_orders(token_order, key_valid)
+    outs = [fn(*(x[b:b + 1] for x in heads_first), orders[b]) for b in range(tensors[0].shape[0])]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+# Per key mask tensor (by identity; the transformer's forward hands every layer the same one): the
+# per-batch key orders, derived once per forward instead of once per layer.
+_KEY_ORDERS = WeakIdKeyDictionary()
+
+
+def _key_orders(token_order: torch.Tensor, key_valid: torch.Tensor) -> list[torch.Tensor]:
+    if torch.compiler.is_compiling():
+        return [key_order(token_order, key_valid[b]) for b in range(key_valid.shape[0])]
+    entry = _KEY_ORDERS.get(key_valid)
+    if entry is None or entry[0] is not token_order or entry[1] != (key_valid._version, token_order._version):
+        # The entry holds the order it was derived for, so that identity cannot pass to a new tensor.
+        entry = (token_order, (key_valid._version, token_order._version),
+                 [key_order(token_order, key_valid[b]) for b in range(key_valid.shape[0])])
+        _KEY_ORDERS[key_valid] = entry
+    return entry[2]
 
 
 def sparse_attention(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, *, key_valid=None, backend=None,

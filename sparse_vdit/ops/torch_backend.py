@@ -73,6 +73,110 @@ class _Gathered:
         return out.masked_fill(missing, fill)
 
 
+# The block-gather forward's index tables, per mask tensor (by identity): derived from the mask and
+# the orders only, so built on a layout's first call and read by every later one.
+_GATHER_PLANS = WeakIdKeyDictionary()
+GATHER_CHUNK_BYTES = 1 << 25  # gathered keys (and as much for values) per fused attention call
+
+
+class _GatherPlan:
+    """Everything one forward over (mask, orders, B, H, N) needs besides q, k and v: where each
+    tiled position reads its token, which key blocks each (batch, head, query block) gathers as rows
+    of ``[B * H * Mk, kv_block * D]``, the additive key mask of the gathered keys, and the way back."""
+
+    def __init__(self, kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N):
+        device = kv_indices.device
+        L = num_q_blocks * q_block if token_order is None else token_order.numel()
+        if token_order is None:
+            order = torch.arange(L, device=device)
+            order = torch.where(order < N, order, torch.full_like(order, -1))
+        else:
+            order = token_order.long()
+        k_order = order if kv_token_order is None else kv_token_order.long()
+        Mk = -(-max(L, N if token_order is None else L) // kv_block)
+        Lk = Mk * kv_block
+        if token_order is None and Lk > L:  # key blocks past the query blocks (raster order, ragged N)
+            extra = torch.arange(L, Lk, device=device)
+            k_order = torch.cat([k_order, torch.where(extra < N, extra, torch.full_like(extra, -1))])
+        elif Lk > L:
+            k_order = torch.nn.functional.pad(k_order, (0, Lk - L), value=-1)
+        self.L, self.Lk, self.Mk, self.Mq = L, Lk, Mk, num_q_blocks
+        self.q_gather = order.clamp(min=0)[: num_q_blocks * q_block]
+        self.kv_gather = k_order.clamp(min=0)
+        key_valid = k_order >= 0  # [Lk]
+        Bm, Hm, Mq = kv_counts.shape
+        K = kv_indices.shape[-1]
+        idx = kv_indices.long().clamp(0, Mk - 1).expand(B if Bm == 1 else Bm, H if Hm == 1 else Hm, Mq, K)
+        slot_ok = (torch.arange(K, device=device) < kv_counts.long().unsqueeze(-1)).expand_as(idx)
+        base = (torch.arange(B, device=device).view(B, 1, 1, 1) * H + torch.arange(H, device=device).view(1, H, 1, 1))
+        self.block_rows = (base * Mk + idx).reshape(-1)  # [B * H * Mq * K] rows of the [B*H*Mk, bk*D] view
+        tok = idx.unsqueeze(-1) * kv_block + torch.arange(kv_block, device=device)  # [B, H, Mq, K, bk]
+        visible = (slot_ok.unsqueeze(-1) & key_valid[tok]).reshape(B * H * Mq, 1, 1, K * kv_block)
+        self.visible = visible
+        self.empty = ~visible.flatten(1).any(-1)  # [B*H*Mq]: query blocks that see no key
+        self.pos = tiled_position(order, N)  # [N] tiled position of each model token, -1 where left out
+        self.missing = self.pos < 0
+        self.pos = self.pos.clamp(min=0)
+        self.K, self.kv_block = K, kv_block
+        # Rows (batch, head, query block) by visited-block count, most first, read back once per plan
+        # (the plan's only sync): a chunk of rows gathers only as many key blocks as its longest row.
+        self.row_counts = slot_ok.sum(-1).reshape(-1)
+        self.row_order = torch.argsort(self.row_counts, descending=True, stable=True)
+        self.sorted_counts = self.row_counts[self.row_order].tolist()
+        self._chunks = {}
+
+    def chunks(self, row_bytes: int, dtype):
+        """(row indices, key slots K_c, block rows [r * K_c], additive key mask [r, 1, 1, K_c * bk] in
+        ``dtype``, visibility) per chunk of at most ``GATHER_CHUNK_BYTES`` of gathered keys, where
+        ``row_bytes`` is one key slot's bytes; rows that visit nothing are left out."""
+        key = (row_bytes, dtype, GATHER_CHUNK_BYTES)
+        if key not in self._chunks:
+            made, i, R = [], 0, len(self.sorted_counts)
+            slots = self.block_rows.view(R, self.K)
+            while i < R and self.sorted_counts[i] > 0:
+                k_c = self.sorted_counts[i]
+                n = max(1, GATHER_CHUNK_BYTES // (k_c * row_bytes))
+                rows = self.row_order[i:i + n]
+                vis = self.visible.index_select(0, rows)[..., :k_c * self.kv_block]
+                add = torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill(~vis, float("-inf"))
+                made.append((rows, k_c, slots.index_select(0, rows)[:, :k_c].reshape(-1), add, vis))
+                i += n
+            self._chunks.clear()
+            self._chunks[key] = made
+        return self._chunks[key]
+
+
+def _gather_plan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N):
+    key = (B, H, N, q_block, kv_block, num_q_blocks, kv_counts.data_ptr(), kv_indices._version,
+           None if token_order is None else token_order._version,
+           None if kv_token_order is None else kv_token_order._version)
+    per_mask = _GATHER_PLANS.get(kv_indices)
+    # An entry holds its orders, so their identity cannot pass to new tensors while it lives.
+    if per_mask is not None and per_mask[0] is token_order and per_mask[1] is kv_token_order and key in per_mask[2]:
+        return per_mask[2][key]
+    plan = _GatherPlan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N)
+    if per_mask is None or per_mask[0] is not token_order or per_mask[1] is not kv_token_order:
+        per_mask = (token_order, kv_token_order, {})
+        _GATHER_PLANS[kv_indices] = per_mask
+    if len(per_mask[2]) >= 8:
+        per_mask[2].clear()
+    per_mask[2][key] = plan
+    return plan
+
+
+def _attend(q, k, v, additive, visible, scale: float):
+    """(o, lse) of query blocks ``q`` [R, 1, bq, D] over their gathered keys ``k``, ``v`` [R, 1, K*bk, D]
+    (``visible`` bool / ``additive`` 0 or -inf [R, 1, 1, K*bk]): the fused CPU flash kernel on the
+    CPU, the same algebra in einsums elsewhere."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=additive, scale=scale)
+    s = torch.einsum("rhqd,rhkd->rhqk", q, k) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+    return torch.einsum("rhqk,rhkd->rhqd", p, v), lse
+
+
 # Same parameters as the Triton launcher (kernels.block_sparse_attention_fwd) and the custom op
 # (ops.attention.block_sparse_attention_op), on purpose: the op dispatches to either backend with one
 # call, and torch.library needs the parameters spelled out. (A `duplicates` row; justified.)
@@ -91,18 +195,39 @@ def torch_block_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-gather attention in torch (the CPU backend); same contract as the Triton launcher.
 
-    Computes in fp32 (or float64 when given float64) and visits only listed key blocks.
+    q, k and v are copied once each into tiled order; then, a chunk of query blocks at a time (ordered
+    by how many key blocks they visit, so a chunk gathers as many as its longest row), the listed key
+    blocks are gathered whole (a row select on a ``[B * H * Mk, kv_block * D]`` view) and the queries
+    attend to them with the fused CPU attention kernel under the gathered keys' mask.
+    Only listed key blocks are visited. Computes in fp32 (or float64 when given float64).
     """
-    g = _Gathered(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks)
     B, H, N, D = q.shape
-    out = torch.empty(B, H, num_q_blocks, q_block, D, dtype=g.compute, device=q.device)
-    lse = torch.empty(B, H, num_q_blocks, q_block, dtype=g.compute, device=q.device)
-    for h in range(H):  # one head at a time bounds memory at [B, Mq, bq, K*bk]
-        p, lse_h, _, vg = g.head(h, scale)
-        out[:, h] = torch.einsum("bmqk,bmkd->bmqd", p, vg)
-        lse[:, h] = lse_h
-    return (g.to_model_order(out.view(B, H, g.L, D), q.dtype),
-            g.to_model_order(lse.view(B, H, g.L), torch.float32, fill=float("-inf")))
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    plan = _gather_plan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N)
+    Mq, Mk = num_q_blocks, plan.Mk
+    qt = q.to(compute).index_select(2, plan.q_gather).view(B * H * Mq, 1, q_block, D)
+    kt = k.to(compute).index_select(2, plan.kv_gather).view(B * H * Mk, kv_block * D)
+    vt = v.to(compute).index_select(2, plan.kv_gather).view(B * H * Mk, kv_block * D)
+    R = B * H * Mq
+    out = torch.zeros(R, 1, q_block, D, dtype=compute, device=q.device)  # rows that visit nothing stay 0
+    lse = torch.zeros(R, 1, q_block, dtype=torch.float32, device=q.device)
+    chunks = plan.chunks(kv_block * D * qt.element_size(), compute)
+    # One buffer each for the gathered keys and values, written in place chunk after chunk: fresh
+    # allocations of this size cost more in page faults than the gather itself.
+    size = max((rows.numel() * k_c for rows, k_c, *_ in chunks), default=0)
+    kbuf = torch.empty(size, kv_block * D, dtype=compute, device=q.device)
+    vbuf = torch.empty_like(kbuf)
+    for rows, k_c, sel, additive, visible in chunks:  # rows by visited count, most first
+        n = sel.numel()
+        kg = torch.index_select(kt, 0, sel, out=kbuf[:n]).view(-1, 1, k_c * kv_block, D)
+        vg = torch.index_select(vt, 0, sel, out=vbuf[:n]).view(-1, 1, k_c * kv_block, D)
+        o_c, lse_c = _attend(qt.index_select(0, rows), kg, vg, additive, visible, scale)
+        out.index_copy_(0, rows, o_c)
+        lse.index_copy_(0, rows, lse_c.float())
+    lse = lse.masked_fill(plan.empty.view(R, 1, 1), float("-inf"))  # the fused kernel leaves 0 there
+    o = out.view(B, H, Mq * q_block, D).index_select(2, plan.pos).masked_fill(plan.missing[:, None], 0.0)
+    lse = lse.view(B, H, Mq * q_block).index_select(2, plan.pos).masked_fill(plan.missing, float("-inf"))
+    return o.to(q.dtype), lse
 
 
 def torch_block_sparse_attention_bwd(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order, kv_token_order,

@@ -1,0 +1,163 @@
+"""What one sparse attention call costs outside the attention kernel, and the CPU paths against dense SDPA.
+
+Two parts:
+
+- ``seam``: one layer's sparse call as the processor makes it (``grouped_attention``: head groups,
+  text query rows, key mask), at the Wan2.1-1.3B, HunyuanVideo 720p and CogVideoX-5B attention
+  shapes, with one spec per layer and with three. The attention kernels are stubs (the tiled Triton
+  launcher and dense SDPA return empty outputs), so this runs on the CPU in seconds and counts only
+  the host side: aten ops, host syncs, launches, and the bytes allocated and written outside the
+  kernels (``sparse_vdit.testing.counting``), after one warm-up call (steady state). The issue's
+  targets: 0 syncs, at most 8 host ops, bytes at most 1.4 x (size(q) + size(k) + size(v)), one launch
+  per layer for specs that share an order.
+- ``cpu``: the CPU backends timed against dense SDPA in the same run (fp32, B=2, tiles 1x8x8,
+  median of 3): the torch block-gather path, dense attention under the token mask, and ``auto``.
+
+    python -m benchmarks.bench_overhead              # both parts
+    python -m benchmarks.bench_overhead --part seam
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import time
+
+import torch
+
+import sparse_vdit as sv
+
+from . import common
+
+# name: (B, grid (frames, height, width) after patchify, heads, head_dim, text tokens, where, key mask)
+SHAPES = {
+    "wan2.1-1.3b": (2, (21, 30, 52), 12, 128, 0, "after", False),
+    "hunyuan-720p": (1, (33, 45, 80), 24, 128, 256, "after", True),
+    "cogvideox-5b": (2, (13, 30, 45), 48, 64, 226, "before", False),
+}
+ONE_SPEC = [{"kind": "sliding_tile", "window": [3, 3, 3]}]
+THREE_SPECS = [{"kind": "sliding_tile", "window": [3, 3, 3]}, {"kind": "radial", "dense_frames": 1},
+               {"kind": "spatial", "frames": 1}]
+# (N as frames x height x width, heads, head_dim, spec): the issue's CPU table
+CPU_CASES = [((2, 32, 32), 4, 32, {"kind": "sliding_tile", "window": [1, 3, 3]}),
+             ((8, 32, 32), 4, 64, {"kind": "sliding_tile", "window": [3, 3, 3]}),
+             ((8, 32, 32), 4, 64, {"kind": "sliding_tile", "window": [1, 1, 1]})]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--part", choices=("seam", "cpu", "all"), default="all")
+    p.add_argument("--shapes", nargs="*", default=None, help=f"seam shapes (default all: {', '.join(SHAPES)})")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="seam tensors' dtype")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions of each CPU case (median)")
+    p.add_argument("--out", default=None, help="result file (default: benchmarks/results/overhead_<device>.json)")
+
+
+def main(argv=None):
+    return common.cli_main(__doc__, add_arguments, run, argv)
+
+
+def _kernel_stubs():
+    """The attention kernels as stubs: (module, attribute) -> output (shape, dtype, device) list."""
+    import sparse_vdit.kernels as kernels
+
+    def tiled(qt, kt, vt, *rest):
+        B, H, L, D = qt.shape
+        return [((B, H, L, D), qt.dtype, qt.device), ((B, H, L), torch.float32, qt.device)]
+
+    def sdpa(q, k, v, *a, **kw):
+        return [((*q.shape[:-1], v.shape[-1]), q.dtype, q.device)]
+
+    return {(kernels, "block_sparse_attention_tiled_fwd"): tiled,
+            (torch.nn.functional, "scaled_dot_product_attention"): sdpa}
+
+
+def seam_row(name: str, specs: list[dict], dtype: torch.dtype) -> dict:
+    from sparse_vdit.integration.processor import grouped_attention, text_queries
+    from sparse_vdit.testing.counting import DispatchCounter
+
+    B, grid, H, D, text, where, key_mask = SHAPES[name]
+    layout = sv.VideoLayout(*grid, tile=(1, 8, 8), text_len=text, text_position=where)
+    heads = [[specs[h % len(specs)] for h in range(H)]]
+    proc = sv.SparseAttnProcessor(sv.SparsityPlan(heads=heads, tile=(1, 8, 8)), backend="triton")
+    groups = proc.head_groups(0, layout, "cpu")
+    order = layout.token_order("cpu")
+    N = layout.seq_len
+    q, k, v = (torch.empty(B, N, H, D, dtype=dtype) for _ in range(3))  # values are never read (stub kernels)
+    key_valid = None
+    if key_mask:
+        key_valid = torch.ones(B, N, dtype=torch.bool)
+        key_valid[:, N - text // 2:] = False  # the padded half of the text
+    args = (q, k, v, groups, order, key_valid, "triton", text_queries(layout))
+    with DispatchCounter(_kernel_stubs()):
+        grouped_attention(*args)  # warm-up: masks' query tiles and orders' checks, built once
+    with DispatchCounter(_kernel_stubs()) as c:
+        t0 = time.perf_counter()
+        grouped_attention(*args)
+        seconds = time.perf_counter() - t0
+    qkv = 3 * q.numel() * q.element_size()
+    s = c.summary()
+    row = {"part": "seam", "shape": name, "B": B, "N": N, "heads": H, "head_dim": D, "text": text,
+           "key_mask": key_mask, "specs": len(specs), "groups": len(groups), "dtype": str(dtype).split(".")[-1],
+           **{k_: s[k_] for k_ in ("host_ops", "syncs", "launches")},
+           "allocated_gb": round(s["allocated_bytes"] / 1e9, 3), "written_gb": round(s["written_bytes"] / 1e9, 3),
+           "bytes_over_qkv": round((s["allocated_bytes"] + s["written_bytes"]) / qkv, 3),
+           "host_s": round(seconds, 2), "ops": s["ops"]}
+    print({k_: v_ for k_, v_ in row.items() if k_ != "ops"}, flush=True)
+    return row
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cpu_row(grid, H, D, spec, reps: int) -> dict:
+    from sparse_vdit.ops import auto as auto_mod
+
+    layout = sv.VideoLayout(*grid, tile=(1, 8, 8))
+    mask = sv.masks.build([spec], layout)
+    order = layout.token_order("cpu")
+    N = layout.seq_len
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, H, N, D, generator=g) for _ in range(3))
+    dense = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps)
+    row = {"part": "cpu", "N": N, "heads": H, "head_dim": D, "B": 2, "dtype": "float32",
+           "spec": sv.masks.spec_name(spec), "density": round(mask.density(), 3),
+           "ideal_speedup": round(1 / mask.density(), 1), "dense_sdpa_ms": round(dense, 1)}
+    with torch.no_grad():
+        for backend in ("torch", "torch_masked", "auto"):
+            ms = _median_ms(lambda: sv.ops.block_sparse_attention(q, k, v, mask, token_order=order, backend=backend,
+                                                                  check=False), reps)
+            row[f"{backend}_ms"] = round(ms, 1)
+            row[f"{backend}_speedup"] = round(dense / ms, 2)
+    row["auto_chose"] = [c for key, c in auto_mod.choices().items() if key[2] == N and key[3] == D][-1:]
+    print(row, flush=True)
+    return row
+
+
+def run(args, p):
+    device = torch.device("cpu")
+    rows = []
+    if args.part in ("seam", "all"):
+        names = list(common.pick(p, SHAPES, args.shapes, "shape"))
+        dtype = getattr(torch, args.dtype)
+        for name in names:
+            for specs in (ONE_SPEC, THREE_SPECS):
+                rows.append(seam_row(name, specs, dtype))
+    if args.part in ("cpu", "all"):
+        for grid, H, D, spec in CPU_CASES:
+            rows.append(cpu_row(grid, H, D, spec, args.reps))
+    out = pathlib.Path(args.out) if args.out else common.RESULTS / f"overhead_{common.device_slug(device)}.json"
+    meta = common.result_meta(device, threads=torch.get_num_threads(),
+                              targets={"seam": "0 syncs, <= 8 host ops, bytes <= 1.4 x (q + k + v), 1 launch per layer",
+                                       "cpu": "N=8192, 4 heads, D=64, density 0.13: >= 3x dense SDPA"})
+    return common.write_json(out, meta, rows)
+
+
+if __name__ == "__main__":
+    main()
