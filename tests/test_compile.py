@@ -67,3 +67,39 @@ def test_compile_blocks_gpu_inductor():
     assert frames == 2
     for a, b in zip(eager, compiled):
         assert torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_calibrate_apply_remove_apply_on_30_compiled_blocks_stays_within_the_recompile_limit():
+    """Calibration runs the user's compiled blocks eagerly (it measures through Python), so calibrate
+    -> apply -> remove -> apply -> another plan costs one graph per attention kind (dense, sparse,
+    stock) however many blocks the model has, not one per block or per strategy."""
+    torch._dynamo.reset()
+    m = tiny_wan_transformer(num_layers=30)  # Wan2.1-1.3B's block count, tiny widths
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 16, 16, generator=g)
+    e = torch.randn(1, 10, 64, generator=g)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    m.compile_repeated_blocks(fullgraph=True, backend=counter)
+    steps = (900, 600)
+
+    def run(target, i):
+        return [target(x, torch.tensor([t]), e).sample for t in steps]
+
+    with torch.no_grad():
+        plan = sv.calibrate(m, run=run, num_prompts=1, num_inference_steps=len(steps), tile=(1, 4, 4),
+                            candidates=["sliding_tile"], error_budget=0.5, sample_steps=(0.9,), progress=False)
+        assert counter.frame_count == 0  # measured eagerly
+        assert any(s["kind"] != "dense" for layer in range(plan.num_layers) for s in plan.layer_specs(layer))
+        plan.dense_steps = 1  # the first step dense: both graphs run
+        sv.apply(m, plan)
+        first = run(m, 0)
+        sv.remove(m)
+        run(m, 0)
+        sv.apply(m, plan)
+        again = run(m, 0)
+        sv.apply(m, sv.uniform_plan(m, "radial", tile=(1, 4, 4)))
+        run(m, 0)
+    sv.remove(m)
+    assert counter.frame_count <= 3, f"{counter.frame_count} graphs for 30 blocks"
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)

@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..calibration.measure import head_errors, layer_attention_mass
-from ..integration import AttentionStrategy, LayerSlot, SparseAttnProcessor, adapter_for, apply, dense_plan, remove
+from ..integration import (AttentionStrategy, LayerSlot, SparseAttnProcessor, adapter_for, apply, dense_plan,
+                           eager_measurement, remove)
 from ..masks import VideoLayout, build, normalize_spec
 from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
 
@@ -278,7 +279,8 @@ def analyze(
         for i in bar:
             proc.reset()
             strategy.prompt = i
-            run(target, i)
+            with eager_measurement():  # compiled blocks run eagerly while measured
+                run(target, i)
         layout = proc.layout
     finally:
         remove(transformer)

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 
 from ..integration import (AttentionStrategy, LayerSlot, SparseAttention, adapter_for, apply, dense_plan,
-                           grouped_attention, remove, text_queries)
+                           eager_measurement, grouped_attention, remove, text_queries)
 from ..ops import default_backend, dense_attention
 from ..plan import SparsityPlan
 
@@ -128,7 +128,7 @@ def transfer(
     plan = plan if plan is not None else dense_plan(transformer, tile=(1, 8, 8))
     apply(pipe, plan, backend=backend, attention=strategy)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager_measurement():  # the transfer strategy runs eagerly under compiled blocks
             out = pipe(**kw)
     finally:
         remove(pipe)

@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..integration import AttentionStrategy, LayerSlot, SparseAttnProcessor, adapter_for, apply, dense_plan, remove
+from ..integration import (AttentionStrategy, LayerSlot, SparseAttnProcessor, adapter_for, apply, dense_plan,
+                           eager_measurement, remove)
 from ..masks import block_matrix, ladder, normalize_spec, sink_blocks, spec_layout, spec_name
 from ..ops import BlockSparseMask, default_backend, dense_attention
 from ..plan import SparsityPlan, model_fingerprint
@@ -417,7 +418,8 @@ def calibrate(
         for i in bar:
             proc.reset()
             measurer.records = []
-            run(target, i)
+            with eager_measurement():  # compiled blocks run eagerly while measured (no recompiles)
+                run(target, i)
             done["records"].extend(r.to_dict() for r in measurer.records)
             done["prompts_done"] = i + 1
             if ckpt is not None:

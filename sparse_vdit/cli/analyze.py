@@ -10,8 +10,8 @@ from .common import HelpFormatter, add_model_source, check_fraction, checked_til
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="measure structure, sparsity, sinks and temperature; write a report",
                        description=__doc__, formatter_class=HelpFormatter)
-    add_model_source(p, "an embedded tiny model (no download): wan (the planted pipeline, default), "
-                          "hunyuan_video, cogvideox, ltx_video or mochi")
+    add_model_source(p, "an embedded tiny model (no download): wan (the planted pipeline, default), learned "
+                          "(the Wan trained on moving shapes), hunyuan_video, cogvideox, ltx_video or mochi")
     p.add_argument("--prompts", help="with --model: a text file, one prompt per line (two or more for similarity)")
     p.add_argument("--out", default="analysis", help="folder for analysis.json and the pictures")
     p.add_argument("--height", type=int, default=480, help="video height in pixels (with --model)")
@@ -34,7 +34,7 @@ def run(args, p) -> int:
     if args.tiny and args.prompts:
         p.error("--prompts goes with --model (the tiny models make their own inputs)")
     common = dict(out=args.out, budget=args.budget)
-    if args.tiny and args.tiny != "wan":
+    if args.tiny and args.tiny not in ("wan", "learned"):
         from sparse_vdit.testing import FAMILIES, runner
 
         if args.tiny not in FAMILIES:
@@ -44,6 +44,20 @@ def run(args, p) -> int:
 
         tile = (1, 4, 4) if args.tile == "1,8,8" else tile
         report = sv.analyze(target, run=run_one, num_prompts=2, num_inference_steps=steps, tile=tile, **common)
+    elif args.tiny == "learned":
+        from sparse_vdit.testing import shapes
+
+        pipe = shapes.learned_wan_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        # Four training combinations that differ in colour, shape and direction: cross-prompt similarity
+        # compares scenes that differ in everything a prompt says.
+        scenes = [shapes.Scene("red", "circle", "left"), shapes.Scene("green", "square", "right"),
+                  shapes.Scene("blue", "circle", "up"), shapes.Scene("yellow", "square", "down")]
+        assert all(sc in shapes.TRAIN_SCENES for sc in scenes)
+        prompts = [sc.prompt for sc in scenes]
+        report = sv.analyze(pipe, prompts=prompts, negative_prompt="",
+                            **{**shapes.GENERATE_DEFAULTS, "num_inference_steps": min(args.steps, 20)},
+                            tile=(1, 4, 4) if args.tile == "1,8,8" else tile, **common)
     elif args.tiny:
         from sparse_vdit.testing import tiny_wan_pipeline
 

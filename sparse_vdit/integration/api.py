@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from ..plan import SparsityPlan, model_fingerprint
 from .adapters import adapter_for, attention_shape
 from .processor import AttentionStrategy, SparseAttnProcessor
@@ -151,3 +153,14 @@ def _dtype_kwarg(dtype) -> dict:
 
     params = inspect.signature(DiffusionPipeline.from_pretrained).parameters
     return {"dtype": dtype} if "dtype" in params else {"torch_dtype": dtype}
+
+
+def eager_measurement():
+    """A context in which compiled modules run eagerly (``torch.compiler.set_stance("force_eager")``):
+    calibration, analysis and editing measure through Python-side strategies that Dynamo should not
+    trace, and running them eagerly leaves the user's compiled graphs (and their recompile budget)
+    untouched for the plan that is applied afterwards."""
+    import contextlib
+
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
