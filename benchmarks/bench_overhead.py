@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import time
 
 import torch
@@ -56,24 +55,9 @@ def main(argv=None):
     return common.cli_main(__doc__, add_arguments, run, argv)
 
 
-def _kernel_stubs():
-    """The attention kernels as stubs: (module, attribute) -> output (shape, dtype, device) list."""
-    import sparse_vdit.kernels as kernels
-
-    def tiled(qt, kt, vt, *rest):
-        B, H, L, D = qt.shape
-        return [((B, H, L, D), qt.dtype, qt.device), ((B, H, L), torch.float32, qt.device)]
-
-    def sdpa(q, k, v, *a, **kw):
-        return [((*q.shape[:-1], v.shape[-1]), q.dtype, q.device)]
-
-    return {(kernels, "block_sparse_attention_tiled_fwd"): tiled,
-            (torch.nn.functional, "scaled_dot_product_attention"): sdpa}
-
-
 def seam_row(name: str, specs: list[dict], dtype: torch.dtype) -> dict:
     from sparse_vdit.integration.processor import grouped_attention, text_queries
-    from sparse_vdit.testing.counting import DispatchCounter
+    from sparse_vdit.testing.counting import DispatchCounter, attention_kernel_stubs
 
     B, grid, H, D, text, where, key_mask = SHAPES[name]
     layout = sv.VideoLayout(*grid, tile=(1, 8, 8), text_len=text, text_position=where)
@@ -88,9 +72,9 @@ def seam_row(name: str, specs: list[dict], dtype: torch.dtype) -> dict:
         key_valid = torch.ones(B, N, dtype=torch.bool)
         key_valid[:, N - text // 2:] = False  # the padded half of the text
     args = (q, k, v, groups, order, key_valid, "triton", text_queries(layout))
-    with DispatchCounter(_kernel_stubs()):
+    with DispatchCounter(attention_kernel_stubs()):
         grouped_attention(*args)  # warm-up: masks' query tiles and orders' checks, built once
-    with DispatchCounter(_kernel_stubs()) as c:
+    with DispatchCounter(attention_kernel_stubs()) as c:
         t0 = time.perf_counter()
         grouped_attention(*args)
         seconds = time.perf_counter() - t0
@@ -106,18 +90,9 @@ def seam_row(name: str, specs: list[dict], dtype: torch.dtype) -> dict:
     return row
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def cpu_row(grid, H, D, spec, reps: int) -> dict:
     from sparse_vdit.ops import auto as auto_mod
+    from sparse_vdit.ops.auto import cpu_time_ms
 
     layout = sv.VideoLayout(*grid, tile=(1, 8, 8))
     mask = sv.masks.build([spec], layout)
@@ -125,13 +100,13 @@ def cpu_row(grid, H, D, spec, reps: int) -> dict:
     N = layout.seq_len
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, H, N, D, generator=g) for _ in range(3))
-    dense = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps)
+    dense = cpu_time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps)
     row = {"part": "cpu", "N": N, "heads": H, "head_dim": D, "B": 2, "dtype": "float32",
            "spec": sv.masks.spec_name(spec), "density": round(mask.density(), 3),
            "ideal_speedup": round(1 / mask.density(), 1), "dense_sdpa_ms": round(dense, 1)}
     with torch.no_grad():
         for backend in ("torch", "torch_masked", "auto"):
-            ms = _median_ms(lambda: sv.ops.block_sparse_attention(q, k, v, mask, token_order=order, backend=backend,
+            ms = cpu_time_ms(lambda: sv.ops.block_sparse_attention(q, k, v, mask, token_order=order, backend=backend,
                                                                   check=False), reps)
             row[f"{backend}_ms"] = round(ms, 1)
             row[f"{backend}_speedup"] = round(dense / ms, 2)

@@ -6,7 +6,7 @@ import torch
 import sparse_vdit as sv
 from sparse_vdit.integration.processor import grouped_attention, text_queries
 from sparse_vdit.ops import block_sparse_attention
-from sparse_vdit.testing.counting import DispatchCounter
+from sparse_vdit.testing.counting import DispatchCounter, attention_kernel_stubs
 
 from .helpers import check_against_reference
 
@@ -58,20 +58,6 @@ def test_cpu_auto_times_both_paths_and_caches_its_choice(nan_empty):
     assert {key: c for key, c in auto.choices().items() if key not in before} == new  # no second timing
 
 
-def _stubs():
-    import sparse_vdit.kernels as kernels
-
-    def tiled(qt, kt, vt, *rest):
-        B, H, L, D = qt.shape
-        return [((B, H, L, D), qt.dtype, qt.device), ((B, H, L), torch.float32, qt.device)]
-
-    def sdpa(q, k, v, *a, **kw):
-        return [((*q.shape[:-1], v.shape[-1]), q.dtype, q.device)]
-
-    return {(kernels, "block_sparse_attention_tiled_fwd"): tiled,
-            (torch.nn.functional, "scaled_dot_product_attention"): sdpa}
-
-
 def _layer_call(specs, text=0, where="after", B=2, key_mask=False, heads=4):
     layout = sv.VideoLayout(2, 8, 16, tile=(1, 8, 8), text_len=text, text_position=where)
     plan = sv.SparsityPlan(heads=[[specs[h % len(specs)] for h in range(heads)]], tile=(1, 8, 8))
@@ -84,9 +70,9 @@ def _layer_call(specs, text=0, where="after", B=2, key_mask=False, heads=4):
         key_valid = torch.ones(B, N, dtype=torch.bool)
         key_valid[:, -2:] = False
     args = (q, k, v, groups, layout.token_order("cpu"), key_valid, "triton", text_queries(layout))
-    with torch.no_grad(), DispatchCounter(_stubs()):
+    with torch.no_grad(), DispatchCounter(attention_kernel_stubs()):
         grouped_attention(*args)  # first call: per-order and per-mask tables
-    with torch.no_grad(), DispatchCounter(_stubs()) as c:
+    with torch.no_grad(), DispatchCounter(attention_kernel_stubs()) as c:
         out = grouped_attention(*args)
     return c, out, q
 

@@ -149,3 +149,19 @@ class DispatchCounter:
             self.kernel_bytes += sum(o.numel() * o.element_size() for o in outs)
             return outs[0] if len(outs) == 1 else tuple(outs)
         return kernel
+
+
+def attention_kernel_stubs() -> dict:
+    """The attention kernels of a sparse layer call as :class:`DispatchCounter` stubs: the tiled Triton
+    launcher (o and the LSE in tiled order) and SDPA (dense heads and text rows)."""
+    import sparse_vdit.kernels as kernels
+
+    def tiled(qt, kt, vt, *rest):
+        B, H, L, D = qt.shape
+        return [((B, H, L, D), qt.dtype, qt.device), ((B, H, L), torch.float32, qt.device)]
+
+    def sdpa(q, k, v, *args, **kwargs):
+        return [((*q.shape[:-1], v.shape[-1]), q.dtype, q.device)]
+
+    return {(kernels, "block_sparse_attention_tiled_fwd"): tiled,
+            (torch.nn.functional, "scaled_dot_product_attention"): sdpa}
