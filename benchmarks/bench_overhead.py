@@ -37,7 +37,8 @@ SHAPES = {
 ONE_SPEC = [{"kind": "sliding_tile", "window": [3, 3, 3]}]
 THREE_SPECS = [{"kind": "sliding_tile", "window": [3, 3, 3]}, {"kind": "radial", "dense_frames": 1},
                {"kind": "spatial", "frames": 1}]
-# (N as frames x height x width, heads, head_dim, spec): the CPU table
+# (grid frames x height x width, heads, head_dim, spec): the sizes of the CPU table (its first
+# row's mask was not stated there; this one is ours)
 CPU_CASES = [((2, 32, 32), 4, 32, {"kind": "sliding_tile", "window": [1, 3, 3]}),
              ((8, 32, 32), 4, 64, {"kind": "sliding_tile", "window": [3, 3, 3]}),
              ((8, 32, 32), 4, 64, {"kind": "sliding_tile", "window": [1, 1, 1]})]

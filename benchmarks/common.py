@@ -5,7 +5,6 @@ import argparse
 import datetime as _dt
 import json
 import pathlib
-import platform
 
 import torch
 
@@ -17,9 +16,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
+    return sv.ops.device_name(device)
 
 
 def result_meta(device: torch.device, **extra) -> dict:

@@ -25,7 +25,7 @@ from ..calibration.measure import head_errors, layer_attention_mass
 from ..integration import (AttentionStrategy, LayerSlot, SparseAttnProcessor, adapter_for, apply, dense_plan,
                            eager_measurement, remove)
 from ..masks import VideoLayout, build, normalize_spec
-from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
+from ..ops import BlockSparseMask, default_backend, dense_attention, device_name, sparse_attention
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5)
 TEMPERATURES = (0.8, 0.9, 1.0, 1.1, 1.2)
@@ -290,7 +290,9 @@ def analyze(
     report = summarize(strategy.records, num_layers, tuple(fractions), tuple(temperatures), budget, prune_fraction)
     if layout is not None:
         report["uniform_top1pct_share"] = max(1, int(layout.num_blocks * 0.01)) / layout.num_blocks
-    report.update({"model": type(transformer).__name__, "prompts": num_prompts, "sampled_steps": steps,
+    device = next(transformer.parameters()).device
+    report.update({"model": type(transformer).__name__, "device": device_name(device), "torch": torch.__version__,
+                   "prompts": num_prompts, "sampled_steps": steps,
                    "layout": layout.describe() if layout else None, "fixed_mask": fixed_mask,
                    "tile": list(tile)})
     if out is not None:

@@ -1,6 +1,7 @@
 """Public tensor API: block-sparse attention, its mask type, the float64 reference, the backends
 (triton / torch / flex) and the attention seam at the model layout [B, N, H, D]."""
 from .attention import BACKENDS, block_sparse_attention, default_backend
+from .device import device_name
 from .mask import BlockSparseMask
 from .mass import block_attention_mass
 from .model_layout import attention_mass, dense_attention, sparse_attention
@@ -16,6 +17,7 @@ __all__ = [
     "block_sparse_attention",
     "default_backend",
     "dense_attention",
+    "device_name",
     "key_order",
     "order_digest",
     "reference_attention",

@@ -12,6 +12,7 @@ error is raised, not taken for a candidate that lost.
 from __future__ import annotations
 
 import statistics
+import time
 from collections import OrderedDict
 from typing import Callable, Sequence
 
@@ -81,8 +82,6 @@ def cuda_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
 
 def cpu_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
     """Median wall-clock milliseconds of ``fn`` on the CPU, after one warm-up call."""
-    import time
-
     fn()
     times = []
     for _ in range(reps):
