@@ -5,6 +5,11 @@ redness) in the first and last key frame, against the truth.
 
     python -m benchmarks.motion_probe                       # the shipped weights
     python -m benchmarks.motion_probe --weights DIR         # a checkpoint of train_shapes
+    python -m benchmarks.motion_probe --first-frame-sigma 0 # the first key frame clean, the rest at each sigma
+
+With ``--first-frame-sigma`` the first key frame is noised less than the others (per-token timesteps,
+as ``train_shapes`` trains half of its samples): the clean frame shows where the object is, and only
+the direction word says where it goes.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default=None, help="weights folder (default: the shipped ones)")
     ap.add_argument("--sigmas", nargs="*", type=float, default=[0.95, 0.85, 0.7])
+    ap.add_argument("--first-frame-sigma", type=float, default=None,
+                    help="noise level of the first key frame (default: the same as the others)")
     args = ap.parse_args(argv)
     model = shapes.learned_wan_pipeline(args.weights).transformer
     embeds = train_shapes.encode_prompts(PROMPTS)
@@ -37,11 +44,16 @@ def main(argv=None) -> None:
     noise = torch.randn(x0.shape, generator=g)
     print("truth (first, last key frame):", centroids(x0[0]))
     for sigma in args.sigmas:
-        xt = (1 - sigma) * x0 + sigma * noise
+        levels = torch.full((1, shapes.FRAMES), sigma)
+        if args.first_frame_sigma is not None:
+            levels[0, 0] = args.first_frame_sigma
+        s = levels.view(1, 1, shapes.FRAMES, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        timestep = (levels * 1000).repeat_interleave((shapes.SIZE // 2) ** 2, dim=1)  # per token, patch (1, 2, 2)
         for i, prompt in enumerate(PROMPTS):
             with torch.no_grad():
-                pred = model(xt, torch.tensor([sigma * 1000.0]), embeds[i:i + 1], return_dict=False)[0]
-            print(f"sigma {sigma}: {prompt!r:30} estimate {centroids((xt - sigma * pred)[0])}")
+                pred = model(xt, timestep, embeds[i:i + 1], return_dict=False)[0]
+            print(f"sigma {sigma}: {prompt!r:30} estimate {centroids((xt - s * pred)[0])}")
 
 
 if __name__ == "__main__":

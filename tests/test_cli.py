@@ -83,3 +83,16 @@ def test_bench_calibration_tiny_smoke(tmp_path):
     out = benchmarks_module("bench_calibration").main(["--tiny", "--out", str(tmp_path / "c.json")])
     row = json.loads(out.read_text())["rows"][0]
     assert row["calibration_s"] > 0 and row["model"] == "tiny-wan"
+
+
+def test_the_command_line_keeps_optional_packages_import_noise_quiet():
+    """With torchao installed (a test dependency), importing diffusers' pipelines logs torchao's
+    failed C++ extension loads and diffusers' note on moved torchao types: the command line, which
+    uses neither, quiets those loggers before anything imports them."""
+    pytest.importorskip("torchao")
+    code = ("from sparse_vdit.cli import _quiet_optional_imports; _quiet_optional_imports(); "
+            "from sparse_vdit.testing import shapes; shapes.learned_wan_pipeline(); print('loaded')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "loaded" in run.stdout, run.stderr
+    for noise in ("Failed to load", "Unable to import `torchao`", "register_constant"):
+        assert noise not in run.stderr, run.stderr

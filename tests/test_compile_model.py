@@ -106,3 +106,71 @@ def test_a_deep_copy_of_an_applied_model_compiles_with_its_own_processor():
     finally:
         sv.remove(model)
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inductor_compiles_the_whole_model_with_a_sparse_plan_on_the_cpu(family):
+    """Inductor (C++ on the CPU) around the block-sparse custom op: one graph, no recompile on a
+    repeated call, the sparse op counted where it runs, and eager's output (inductor may reorder the
+    float arithmetic around the op, so to rounding, not bit for bit)."""
+    from sparse_vdit.ops import attention as ops_attention
+
+    torch._dynamo.reset()
+    model, call = make(family)
+    with torch.no_grad():
+        stock = call(model)
+    sv.apply(model, _plan(model, "sparse"))
+    inner, calls = ops_attention.torch_block_sparse_attention, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    ops_attention.torch_block_sparse_attention = counted
+    try:
+        with torch.no_grad():
+            eager = call(model)
+            compiled = torch.compile(model, fullgraph=True, backend="inductor")
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                first = call(compiled)
+                calls.clear()
+                second = call(compiled)
+        assert calls, "the compiled model ran no block-sparse attention"
+        torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+        assert float((first - stock).norm() / stock.norm()) > 1e-3  # really sparse under inductor
+    finally:
+        ops_attention.torch_block_sparse_attention = inner
+        sv.remove(model)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch_masked", "triton"])
+def test_an_order_rewritten_in_place_without_a_version_bump_is_not_read_from_a_cache(backend):
+    """What inductor does to an order the graph computes (per-batch key orders under a key mask):
+    it hands the op one buffer object for successive intermediates and writes into it from C++,
+    which bumps no version. The backends' index tables then must not be cached by that identity:
+    only orders marked immutable (``ops.order.freeze``: a layout's order, the eager per-batch key
+    orders) are. Found by the inductor test on Mochi (B=2 with different prompt masks)."""
+    from sparse_vdit.ops.order import frozen, key_order
+
+    layout = sv.VideoLayout(2, 8, 8, tile=(1, 4, 4))
+    mask = sv.masks.build([{"kind": "sliding_tile", "window": [1, 3, 3]}], layout)
+    order = layout.token_order("cpu")
+    N = layout.seq_len
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, N, 16, generator=g) for _ in range(3))
+    valid_a, valid_b = torch.ones(N, dtype=torch.bool), torch.ones(N, dtype=torch.bool)
+    valid_a[::3] = False
+    valid_b[1::2] = False
+    kv = key_order(order, valid_a)  # a computed order: not marked immutable
+    assert frozen(order) and not frozen(kv)
+    first = sv.ops.block_sparse_attention(q, k, v, mask, token_order=order, kv_token_order=kv, backend=backend)
+    version = kv._version
+    kv.numpy()[:] = key_order(order, valid_b).numpy()  # new values, same object, same version
+    assert kv._version == version
+    second = sv.ops.block_sparse_attention(q, k, v, mask, token_order=order, kv_token_order=kv, backend=backend)
+    ref, _ = sv.ops.reference_attention(q.double(), k.double(), v.double(), mask, token_order=order,
+                                        kv_token_order=kv)
+    torch.testing.assert_close(second.double(), ref, rtol=1e-5, atol=1e-5)
+    assert float((second - first).abs().max()) > 1e-3  # the key orders really differ

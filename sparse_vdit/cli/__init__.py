@@ -72,7 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Loggers of optional packages that diffusers imports when they are installed, and whose import-time
+# warnings say nothing about what a command here does (none uses them): torchao, if its C++
+# extensions were built for another torch, logs each it cannot load; diffusers logs that some
+# torchao tensor types moved; torch's pytree logs deprecations of how torchao registers enums.
+# (torchao is a test dependency: the compatibility table's quantized-weights row.)
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def _quiet_optional_imports() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_optional_imports()
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     sub = args.cli_parser  # the subcommand's parser, so its error messages name it

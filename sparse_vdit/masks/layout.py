@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from ..ops import order_digest, tiled_position
+from ..ops import freeze, order_digest, tiled_position
 
 TEXT_POSITIONS = ("before", "after")
 
@@ -222,7 +222,7 @@ class VideoLayout:
         device = torch.device(device) if device is not None else torch.device("cpu")
         key = ("order", str(device))
         if key not in self._cache:
-            self._cache[key] = self._token_order_cpu.to(device)
+            self._cache[key] = freeze(self._token_order_cpu.to(device))
         return self._cache[key]
 
     def inverse_order(self) -> torch.Tensor:

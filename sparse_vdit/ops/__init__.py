@@ -5,7 +5,7 @@ from .device import device_name
 from .mask import BlockSparseMask
 from .mass import block_attention_mass
 from .model_layout import attention_mass, dense_attention, sparse_attention
-from .order import key_order, order_digest, tiled_position
+from .order import freeze, frozen, key_order, order_digest, tiled_position
 from .reference import reference_attention, token_mask
 from .torch_backend import torch_block_sparse_attention
 
@@ -18,6 +18,8 @@ __all__ = [
     "default_backend",
     "dense_attention",
     "device_name",
+    "freeze",
+    "frozen",
     "key_order",
     "order_digest",
     "reference_attention",

@@ -8,7 +8,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import BlockSparseMask
-from .order import order_facts, tiled_position
+from .order import frozen, order_facts, tiled_position
 from .torch_backend import (torch_block_sparse_attention, torch_block_sparse_attention_bwd, torch_masked_attention,
                             torch_masked_sdpa)
 
@@ -108,7 +108,7 @@ class _OrderTables:
     order's gather positions, key validity (int8 per position and per key block) and the way back
     (each token's tiled position; ``missing`` None when the order holds every token)."""
 
-    def __init__(self, q, token_order, length, step, kv_block, keys_only=False):
+    def __init__(self, q, token_order, length, step, kv_block, keys_only=False, cached=True):
         N = q.shape[2]
         order, _ = _tiled_orders(q, token_order, None, length, step)
         self.gather = order.clamp(min=0)
@@ -118,8 +118,9 @@ class _OrderTables:
             self.missing = self.pos = None
             return
         pos = tiled_position(order, N)
-        # Read back once per order (a sync on the first call only): later calls skip the fill.
-        self.missing = (pos < 0) if bool((pos < 0).any()) else None
+        # Read back once per cached order (a sync on its first call only): later calls skip the fill.
+        # Tables built for one call only fill every time instead (no read-back).
+        self.missing = (pos < 0) if not cached or bool((pos < 0).any()) else None
         self.pos = pos.clamp(min=0)
 
 
@@ -127,6 +128,8 @@ _ORDER_TABLES = WeakIdKeyDictionary()
 
 
 def _order_tables(q, token_order, length, step, kv_block, keys_only=False) -> _OrderTables:
+    if not frozen(token_order):  # e.g. computed in a compiled graph: identity says nothing about its values
+        return _OrderTables(q, token_order, length, step, kv_block, keys_only, cached=False)
     key = (q.shape[2], length, step, kv_block, str(q.device), keys_only,
            None if token_order is None else token_order._version)
     holder = token_order if token_order is not None else _NO_ORDER
@@ -197,7 +200,8 @@ _BACKWARD_LISTS = WeakIdKeyDictionary()  # tensor -> {...}, by identity (tensors
 def _backward_lists(kv_counts, kv_indices, rows, cols):
     """(row counts, row indices, column counts, column indices) of the mask over ``rows`` query blocks
     and ``cols`` key blocks: the key blocks of each query block, and the query blocks that visit each key block."""
-    per_mask = _BACKWARD_LISTS.setdefault(kv_indices, {})
+    cacheable = frozen(kv_counts, kv_indices)
+    per_mask = _BACKWARD_LISTS.setdefault(kv_indices, {}) if cacheable else {}
     key = (rows, cols, kv_counts.data_ptr(), kv_indices._version)
     if key not in per_mask:
         from .mask import blocks_to_indices

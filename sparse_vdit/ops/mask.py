@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .order import freeze
+
 
 def blocks_to_indices(blocks: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts int32 [..., Mq], indices int32 [..., Mq, width]) of a boolean block matrix: each row's
@@ -69,6 +71,11 @@ class BlockSparseMask:
     # or None for a mask over plain token order. The attention entry checks the order it is given.
     token_order_digest: tuple[int, int] | None = None
     _derived: dict = field(default_factory=dict, repr=False, compare=False)  # per-mask caches (query tiles)
+
+    def __post_init__(self):
+        # Immutable by contract: the backends' index-table caches may key by these tensors (ops.order.freeze).
+        freeze(self.kv_counts)
+        freeze(self.kv_indices)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -16,7 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .attention import block_sparse_attention
 from .mask import BlockSparseMask
 from .mass import block_attention_mass
-from .order import key_order
+from .order import freeze, key_order
 
 
 def _per_batch(fn: Callable, token_order: torch.Tensor, key_valid: torch.Tensor | None, *tensors: torch.Tensor):
@@ -42,7 +42,7 @@ def _key_orders(token_order: torch.Tensor, key_valid: torch.Tensor) -> list[torc
     if entry is None or entry[0] is not token_order or entry[1] != (key_valid._version, token_order._version):
         # The entry holds the order it was derived for, so that identity cannot pass to a new tensor.
         entry = (token_order, (key_valid._version, token_order._version),
-                 [key_order(token_order, key_valid[b]) for b in range(key_valid.shape[0])])
+                 [freeze(key_order(token_order, key_valid[b])) for b in range(key_valid.shape[0])])
         _KEY_ORDERS[key_valid] = entry
     return entry[2]
 

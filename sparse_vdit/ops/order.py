@@ -5,6 +5,27 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 
+# Tensors that the index-table caches of the backends may key by identity: marked immutable by the
+# code that made them (a layout's token order, the per-batch key orders of one key mask, a mask's
+# block lists), with their version then. Identity alone is not enough: a compiled graph (inductor)
+# reuses one buffer object for successive intermediates and writes into it without bumping its
+# version, so a table cached for an order computed in the graph would be read for another one.
+_FROZEN = WeakIdKeyDictionary()
+
+
+def freeze(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Mark ``t`` as immutable for the caches (outside a trace only; inside one, nothing is marked,
+    and tensors the graph computes are never cached by identity). Returns ``t``."""
+    if t is not None and not torch.compiler.is_compiling():
+        _FROZEN[t] = t._version
+    return t
+
+
+def frozen(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given is None or marked by :func:`freeze` and unchanged since."""
+    return all(t is None or _FROZEN.get(t) == t._version for t in tensors)
+
+
 def tiled_position(order: torch.Tensor, seq_len: int) -> torch.Tensor:
     """int64 ``[seq_len]``: the tiled position of each model token (the inverse of ``order``), -1
     where the order leaves a token out."""

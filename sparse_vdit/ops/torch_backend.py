@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .order import tiled_position
+from .order import frozen, tiled_position
 
 
 class _Gathered:
@@ -147,6 +147,8 @@ class _GatherPlan:
 
 
 def _gather_plan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N):
+    if not frozen(kv_counts, kv_indices, token_order, kv_token_order):  # e.g. computed in a compiled graph
+        return _GatherPlan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N)
     key = (B, H, N, q_block, kv_block, num_q_blocks, kv_counts.data_ptr(), kv_indices._version,
            None if token_order is None else token_order._version,
            None if kv_token_order is None else kv_token_order._version)
@@ -307,12 +309,14 @@ _TOKEN_MASKS = WeakIdKeyDictionary()
 def _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, N):
     """(bool [Bm, Hm, N, N]: may model token i attend model token j (by the blocks of their tiled
     positions and the key order); bool [Bm, Hm, N, 1]: does token i see any key), cached per mask
-    tensor and orders."""
+    tensor and orders (when all of them are marked immutable: ``ops.order.freeze``)."""
+    cacheable = frozen(kv_counts, kv_indices, token_order, kv_token_order)
     versions = (None if token_order is None else token_order._version,
                 None if kv_token_order is None else kv_token_order._version, N)
     cached = _TOKEN_MASKS.get(kv_indices)
     # The entry holds its orders (so their identity cannot pass to new tensors while it lives).
-    if cached is not None and cached[0] is token_order and cached[1] is kv_token_order and cached[2] == versions:
+    if cacheable and cached is not None and cached[0] is token_order and cached[1] is kv_token_order and \
+            cached[2] == versions:
         return cached[3], cached[4]
     device = kv_indices.device
     Bm, Hm, Mq = kv_counts.shape
@@ -334,7 +338,8 @@ def _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_bloc
     kb = k_pos.clamp(min=0) // kv_block
     vis = blocks[:, :, qb][:, :, :, kb] & key_ok & (q_pos >= 0)[:, None]
     rows = vis.any(-1, keepdim=True)  # [Bm, Hm, N, 1] queries that see at least one key
-    _TOKEN_MASKS[kv_indices] = (token_order, kv_token_order, versions, vis, rows)
+    if cacheable:
+        _TOKEN_MASKS[kv_indices] = (token_order, kv_token_order, versions, vis, rows)
     return vis, rows
 
 

@@ -8,6 +8,13 @@ timestep 1000 s, with s drawn uniformly then shifted as the pipeline's scheduler
 are encoded once by the frozen tiny text encoder, padded to ``shapes.MAX_TEXT_TOKENS`` (generate with
 the same: ``shapes.GENERATE_DEFAULTS``); 10% of samples get the empty prompt, so classifier-free
 guidance works. Prints the loss curve and writes it (``loss.json``) beside the weights.
+
+``--frame-noise P`` (an experiment, off by default: the shipped weights were trained without it)
+gives a share P of the samples one noise level per key frame instead of one per video, as
+per-token timesteps (Wan 2.2's ``[B, seq_len]`` form): beside a cleaner frame, only the direction
+word says where the object is in a noisier one. Tried at P = 0.5: by step 1,000 of 2,000 the
+direction word still moved the denoiser's estimate by under 0.2 pixel, even with the first key
+frame given clean (``python -m benchmarks.motion_probe --first-frame-sigma 0``), and the run was stopped.
 """
 from __future__ import annotations
 
@@ -38,8 +45,20 @@ def shifted_sigma(u: torch.Tensor, shift: float = shapes.SHIFT) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def noise_levels(batch_size: int, generator: torch.Generator, frame_noise: float = 0.0) -> torch.Tensor:
+    """sigma per sample, ``[batch_size]`` (one shifted uniform draw per video; the shipped run), or with
+    ``frame_noise`` > 0 per sample and key frame, ``[batch_size, FRAMES]``: for that share of the
+    samples one draw per key frame."""
+    if not frame_noise:
+        return shifted_sigma(torch.rand(batch_size, generator=generator))
+    per_video = shifted_sigma(torch.rand(batch_size, 1, generator=generator)).expand(batch_size, shapes.FRAMES)
+    per_frame = shifted_sigma(torch.rand(batch_size, shapes.FRAMES, generator=generator))
+    pick = torch.rand(batch_size, 1, generator=generator) < frame_noise
+    return torch.where(pick, per_frame, per_video)
+
+
 def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 0, out: Path | None = None,
-          log_every: int = 50, threads: int | None = None) -> list[tuple[int, float]]:
+          log_every: int = 50, threads: int | None = None, frame_noise: float = 0.0) -> list[tuple[int, float]]:
     from diffusers import WanTransformer3DModel
 
     if threads:
@@ -65,11 +84,14 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
         text = embeds[pick].clone()
         drop = torch.rand(batch_size, generator=g) < 0.1
         text[drop] = empty
-        sigma = shifted_sigma(torch.rand(batch_size, generator=g))
+        sigma = noise_levels(batch_size, g, frame_noise)  # [B], or [B, F] with frame_noise
         noise = torch.randn(x0.shape, generator=g)
-        s = sigma.view(-1, 1, 1, 1, 1)
+        s = sigma.view(batch_size, 1, -1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        pred = model(xt, sigma * 1000, text, return_dict=False)[0]
+        timestep = sigma * 1000
+        if sigma.dim() == 2:  # per token (patch (1, 2, 2): SIZE/2 x SIZE/2 tokens a key frame)
+            timestep = timestep.repeat_interleave((shapes.SIZE // 2) ** 2, dim=1)
+        pred = model(xt, timestep, text, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,7 +107,10 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
             print(f"step {step:5d}/{steps}  loss {mean:.4f}  lr {sched.get_last_lr()[0]:.2e}  "
                   f"{el / 60:5.1f} min, {el / step:.2f} s/step", flush=True)
             if out is not None and (step % (log_every * 10) == 0 or step == steps):
-                save(model, out, curve, dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, done=step))
+                meta = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, done=step)
+                if frame_noise:
+                    meta["frame_noise"] = frame_noise
+                save(model, out, curve, meta)
     return curve
 
 
@@ -104,11 +129,13 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--frame-noise", type=float, default=0.0,
+                    help="share of samples with one noise level per key frame (an experiment; default 0, as shipped)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=shapes.WEIGHTS_DIR,
                     help="where the weights go (default: the package's shipped copy)")
     a = ap.parse_args(argv)
-    train(a.steps, a.batch_size, a.lr, a.seed, a.out, threads=a.threads)
+    train(a.steps, a.batch_size, a.lr, a.seed, a.out, threads=a.threads, frame_noise=a.frame_noise)
     print(f"train_shapes: weights written to {a.out}")
 
 
