@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..masks import VideoLayout, block_matrix, build, spec_layout
+from ..masks import VideoLayout, block_matrix, build, spec_layout, without_temperature
 from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
 from ..ops.attention import tiled_kernel_rows
 from ..plan import SparsityPlan
@@ -133,13 +133,15 @@ MAX_CACHED_LAYOUTS = 4  # masks are kept for this many (layout, device) pairs, l
 
 @dataclass(frozen=True, eq=False)
 class HeadGroup:
-    """Heads of a layer that share one mask: ``mask`` is a one-row (broadcast) mask shared by every
-    layer with that spec, None for dense heads; ``heads`` the head indices (None: every head);
-    ``token_order`` the order of the spec's layout when it is not the slot's (a spec's ``order``)."""
+    """Heads of a layer that share one spec: ``mask`` is a one-row (broadcast) mask shared by every
+    layer with that spec's blocks, None for dense heads; ``heads`` the head indices (None: every head);
+    ``token_order`` the order of the spec's layout when it is not the slot's (a spec's ``order``);
+    ``temperature`` the spec's (folded into the softmax scale, so it costs nothing)."""
 
     mask: BlockSparseMask | None
     heads: torch.Tensor | None
     token_order: torch.Tensor | None = None
+    temperature: float = 1.0  # the spec's softmax temperature: logits scaled by D ** -0.5 / temperature
 
 
 def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None, text=None,
@@ -149,12 +151,15 @@ def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None
 
     ``text = (start, length)``: the text queries there attend every key (dense, all heads at
     once); the groups' masks then leave those query rows empty, which keeps every mask row as short
-    as its longest video row."""
+    as its longest video row. A group's ``temperature`` applies to its heads' video queries (the text
+    queries run at temperature 1)."""
     def run(g, qq, kk, vv):
+        scale = None if g.temperature == 1.0 else qq.shape[-1] ** -0.5 / g.temperature
         if g.mask is None:
-            return dense(qq, kk, vv, key_valid=key_valid)
+            return dense(qq, kk, vv, key_valid=key_valid) if scale is None else \
+                dense(qq, kk, vv, key_valid=key_valid, scale=scale)
         order = token_order if g.token_order is None else g.token_order
-        return sparse_attention(qq, kk, vv, g.mask, order, key_valid=key_valid, backend=backend)
+        return sparse_attention(qq, kk, vv, g.mask, order, key_valid=key_valid, backend=backend, scale=scale)
 
     if len(groups) == 1 and groups[0].heads is None:
         out = run(groups[0], q, k, v)
@@ -177,9 +182,9 @@ def diffusers_dense(backend):
     active backend), as the stock processors of Wan, HunyuanVideo and LTX-Video run it."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    def dense(q, k, v, key_valid=None):
+    def dense(q, k, v, key_valid=None, scale=None):
         mask = None if key_valid is None else key_valid[:, None, None, :]
-        return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend)
+        return dispatch_attention_fn(q, k, v, attn_mask=mask, scale=scale, backend=backend)
     return dense
 
 
@@ -640,7 +645,7 @@ class SparseAttnProcessor:
         cache = self._layout_cache(layout, device)
         key = "spec:" + spec_key
         if key not in cache:
-            spec = json.loads(spec_key)
+            spec = without_temperature(json.loads(spec_key))
             layout = spec_layout(spec, layout)
             blocks = block_matrix(spec, layout, device)
             if layout.text_len:  # text queries run dense beside the kernel (grouped_attention)
@@ -686,9 +691,11 @@ class SparseAttnProcessor:
             for k, heads in groups:
                 spec = json.loads(k)
                 own = spec_layout(spec, layout)
-                made.append(HeadGroup(None if spec["kind"] == "dense" else self.pattern_mask(k, layout, device),
+                mask_key = json.dumps(without_temperature(spec), sort_keys=True)  # layers share masks across temperatures
+                made.append(HeadGroup(None if spec["kind"] == "dense" else self.pattern_mask(mask_key, layout, device),
                                       None if whole else torch.tensor(heads, device=device),
-                                      None if own == layout else own.token_order(device)))
+                                      None if own == layout else own.token_order(device),
+                                      float(spec.get("temperature", 1.0))))
             cache[key] = tuple(made)
         return cache[key]
 

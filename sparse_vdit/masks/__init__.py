@@ -3,7 +3,7 @@ their own token partitions (``peers``)."""
 from . import peers
 from .families import (DEFAULTS, FAMILIES, KINDS, MaskFamily, block_matrix, build, ladder, normalize_spec, radial_rule,
                        head_densities, mask_layout, register_family, sink_blocks, spec_layout, spec_name, svg_attend,
-                       video_blocks)
+                       video_blocks, without_temperature)
 from .layout import VideoLayout, check_tile
 
 __all__ = [
@@ -26,5 +26,6 @@ __all__ = [
     "head_densities",
     "video_blocks",
     "svg_attend",
+    "without_temperature",
     "peers",
 ]

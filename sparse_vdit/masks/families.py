@@ -296,7 +296,7 @@ def normalize_spec(spec: str | Spec) -> Spec:
     family = FAMILIES.get(kind) if isinstance(kind, str) else None
     if family is None:
         raise ValueError(f"unknown mask kind {kind!r}; valid kinds: {list(FAMILIES)}")
-    allowed = set(family.defaults) | {"kind", "sinks"} | ({"order"} if kind != "dense" else set())
+    allowed = set(family.defaults) | {"kind", "sinks", "temperature"} | ({"order"} if kind != "dense" else set())
     unknown = set(spec) - allowed
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for mask kind {kind!r}; valid: {sorted(allowed - {'kind'})}")
@@ -304,6 +304,12 @@ def normalize_spec(spec: str | Spec) -> Spec:
     family.check(out)
     if "order" in out:
         check_order(out["order"])
+    if "temperature" in out:
+        t = out["temperature"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperature must be a positive number (softmax logits are divided by it; 1 = none), "
+                             f"got {t!r}")
+        out["temperature"] = float(t)
     if "sinks" in out:
         sinks = out["sinks"]
         if not isinstance(sinks, dict) or set(sinks) - set(_SINK_KEYS):
@@ -321,7 +327,13 @@ def spec_name(spec: str | Spec) -> str:
     s = normalize_spec(spec)
     family = FAMILIES[s["kind"]]
     order = f"@{s['order']}" if "order" in s and s["order"] != family.defaults.get("order") else ""
-    return family.label(s) + order + ("+sinks" if s.get("sinks") else "")
+    temp = f"/T{s['temperature']:g}" if s.get("temperature", 1.0) != 1.0 else ""
+    return family.label(s) + order + ("+sinks" if s.get("sinks") else "") + temp
+
+
+def without_temperature(spec: str | Spec) -> Spec:
+    """The spec's mask part: a per-head ``temperature`` scales the head's logits and changes no block."""
+    return {k: v for k, v in normalize_spec(spec).items() if k != "temperature"}
 
 
 def spec_layout(spec: str | Spec, layout: VideoLayout) -> VideoLayout:
@@ -385,7 +397,7 @@ def block_matrix(spec: str | Spec, layout: VideoLayout, device: torch.device | s
     """Boolean block matrix ``[num_blocks, num_blocks]`` of one head's spec on ``layout``, built on
     ``device`` (default CPU) and cached per spec, layout and device (least recently used dropped:
     layers of a plan share their heads' patterns). The result is shared: do not modify it in place."""
-    spec = normalize_spec(spec)
+    spec = without_temperature(spec)
     layout = spec_layout(spec, layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
     key = (json.dumps(spec, sort_keys=True), layout, str(device))
