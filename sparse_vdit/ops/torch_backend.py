@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .order import frozen, tiled_position
+from .order import SnapshotCache, frozen, tiled_position
 
 
 class _Gathered:
@@ -76,6 +76,7 @@ class _Gathered:
 # The block-gather forward's index tables, per mask tensor (by identity): derived from the mask and
 # the orders only, so built on a layout's first call and read by every later one.
 _GATHER_PLANS = WeakIdKeyDictionary()
+_SNAPSHOT_PLANS = SnapshotCache()  # the same plans for tensors that are not frozen (ops.order)
 GATHER_CHUNK_BYTES = 1 << 25  # gathered keys (and as much for values) per fused attention call
 
 
@@ -147,8 +148,16 @@ class _GatherPlan:
 
 
 def _gather_plan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N):
-    if not frozen(kv_counts, kv_indices, token_order, kv_token_order):  # e.g. computed in a compiled graph
-        return _GatherPlan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N)
+    tensors = (kv_counts, kv_indices, token_order, kv_token_order)
+    if not frozen(*tensors):  # e.g. inside a compiled graph: by value on the CPU, else built per call
+        args = (*tensors, q_block, kv_block, num_q_blocks, B, H, N)
+        if kv_indices.device.type != "cpu":
+            return _GatherPlan(*args)
+        plan = _SNAPSHOT_PLANS.get(args[4:], tensors)
+        if plan is None:
+            plan = _GatherPlan(*args)
+            _SNAPSHOT_PLANS.put(args[4:], tensors, plan)
+        return plan
     key = (B, H, N, q_block, kv_block, num_q_blocks, kv_counts.data_ptr(), kv_indices._version,
            None if token_order is None else token_order._version,
            None if kv_token_order is None else kv_token_order._version)
@@ -304,13 +313,20 @@ def torch_block_attention_mass(q, k, lse, token_order, kv_token_order, scale, q_
 
 # Token-level visibility of a mask over one (order, key order), per mask: built once, read per call.
 _TOKEN_MASKS = WeakIdKeyDictionary()
+_SNAPSHOT_MASKS = SnapshotCache()  # the same for tensors that are not frozen (ops.order), on the CPU
 
 
 def _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, N):
     """(bool [Bm, Hm, N, N]: may model token i attend model token j (by the blocks of their tiled
     positions and the key order); bool [Bm, Hm, N, 1]: does token i see any key), cached per mask
     tensor and orders (when all of them are marked immutable: ``ops.order.freeze``)."""
-    cacheable = frozen(kv_counts, kv_indices, token_order, kv_token_order)
+    tensors = (kv_counts, kv_indices, token_order, kv_token_order)
+    cacheable = frozen(*tensors)
+    by_value = not cacheable and kv_indices.device.type == "cpu"
+    if by_value:
+        hit = _SNAPSHOT_MASKS.get((q_block, kv_block, num_q_blocks, N), tensors)
+        if hit is not None:
+            return hit
     versions = (None if token_order is None else token_order._version,
                 None if kv_token_order is None else kv_token_order._version, N)
     cached = _TOKEN_MASKS.get(kv_indices)
@@ -340,6 +356,8 @@ def _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_bloc
     rows = vis.any(-1, keepdim=True)  # [Bm, Hm, N, 1] queries that see at least one key
     if cacheable:
         _TOKEN_MASKS[kv_indices] = (token_order, kv_token_order, versions, vis, rows)
+    elif by_value:
+        _SNAPSHOT_MASKS.put((q_block, kv_block, num_q_blocks, N), tensors, (vis, rows))
     return vis, rows
 
 

@@ -165,3 +165,31 @@ def attention_kernel_stubs() -> dict:
 
     return {(kernels, "block_sparse_attention_tiled_fwd"): tiled,
             (torch.nn.functional, "scaled_dot_product_attention"): sdpa}
+
+
+# The backend entry points of a block-sparse forward, as ``sparse_vdit.ops.attention`` calls them.
+SPARSE_FORWARDS = ("torch_block_sparse_attention", "torch_masked_attention", "torch_masked_sdpa", "_tiled_triton")
+
+
+@contextlib.contextmanager
+def count_sparse_forwards():
+    """Count block-sparse forwards where they execute, whatever the backend, eager or inside a
+    compiled graph (the custom op's body calls these): yields a one-element list, the count so far."""
+    from ..ops import attention as ops_attention
+
+    count = [0]
+    saved = {name: getattr(ops_attention, name) for name in SPARSE_FORWARDS}
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            count[0] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for name, fn in saved.items():
+        setattr(ops_attention, name, counted(fn))
+    try:
+        yield count
+    finally:
+        for name, fn in saved.items():
+            setattr(ops_attention, name, fn)

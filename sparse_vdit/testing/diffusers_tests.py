@@ -20,6 +20,7 @@ tiles), and a wider window would cover every key.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -30,7 +31,8 @@ SPARSE_SPEC = {"kind": "sliding_tile", "window": [1, 1, 1]}
 TILE = (1, 4, 4)
 ACCELERATOR_REASON = "test requires a hardware accelerator"
 
-_COUNTS = {"models": 0, "sparse_calls": 0}
+_COUNTS = {"models": 0, "calls": [0]}  # calls: the session's count_sparse_forwards counter
+_COUNTER: list = []
 _PER_TEST: dict[str, int] = {}  # test id -> block-sparse forwards it ran
 
 
@@ -49,7 +51,7 @@ def pytest_configure(config):
     import diffusers
 
     import sparse_vdit as sv
-    from sparse_vdit.ops import attention as ops_attention
+    from sparse_vdit.testing.counting import count_sparse_forwards
 
     for name in FAMILY_CLASSES:
         cls = getattr(diffusers, name)
@@ -70,15 +72,10 @@ def pytest_configure(config):
         wrapped._sparse_vdit_wrapped = True
         cls.__init__ = wrapped
 
-    # Count the block-sparse forward where it executes (inside the custom op, eager or compiled).
-    inner = ops_attention.torch_block_sparse_attention
-
-    @functools.wraps(inner)
-    def counted(*args, **kwargs):
-        _COUNTS["sparse_calls"] += 1
-        return inner(*args, **kwargs)
-
-    ops_attention.torch_block_sparse_attention = counted
+    # Block-sparse forwards counted where they execute (any backend, inside compiled graphs too),
+    # for the whole session.
+    _COUNTER.append(contextlib.ExitStack())
+    _COUNTS["calls"] = _COUNTER[0].enter_context(count_sparse_forwards())
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -93,9 +90,9 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    before = _COUNTS["sparse_calls"]
+    before = _COUNTS["calls"][0]
     yield
-    _PER_TEST[item.nodeid] = _COUNTS["sparse_calls"] - before
+    _PER_TEST[item.nodeid] = _COUNTS["calls"][0] - before
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -104,6 +101,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     terminalreporter.write_line(
         f"sparse_vdit: {which} plan applied to {_COUNTS['models']} models; block-sparse forwards run: "
-        f"{_COUNTS['sparse_calls']}")
+        f"{_COUNTS['calls'][0]}")
     for nodeid, n in _PER_TEST.items():
         terminalreporter.write_line(f"sparse_vdit: {n:4d} block-sparse forwards in {nodeid}")
