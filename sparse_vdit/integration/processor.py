@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..masks import VideoLayout, block_matrix, build, spec_layout, without_temperature
+from ..masks import DynamicSelection, VideoLayout, block_matrix, build, is_dynamic, spec_layout, without_temperature
 from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
 from ..ops.attention import tiled_kernel_rows
 from ..plan import SparsityPlan
@@ -136,12 +136,14 @@ class HeadGroup:
     """Heads of a layer that share one spec: ``mask`` is a one-row (broadcast) mask shared by every
     layer with that spec's blocks, None for dense heads; ``heads`` the head indices (None: every head);
     ``token_order`` the order of the spec's layout when it is not the slot's (a spec's ``order``);
-    ``temperature`` the spec's (folded into the softmax scale, so it costs nothing)."""
+    ``temperature`` the spec's (folded into the softmax scale, so it costs nothing); ``select`` a
+    ``masks.DynamicSelection`` that makes the group's mask per call from its q and k (``mask`` None)."""
 
     mask: BlockSparseMask | None
     heads: torch.Tensor | None
     token_order: torch.Tensor | None = None
     temperature: float = 1.0  # the spec's softmax temperature: logits scaled by D ** -0.5 / temperature
+    select: Any = None
 
 
 def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None, text=None,
@@ -155,11 +157,12 @@ def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None
     queries run at temperature 1)."""
     def run(g, qq, kk, vv):
         scale = None if g.temperature == 1.0 else qq.shape[-1] ** -0.5 / g.temperature
-        if g.mask is None:
+        if g.mask is None and g.select is None:
             return dense(qq, kk, vv, key_valid=key_valid) if scale is None else \
                 dense(qq, kk, vv, key_valid=key_valid, scale=scale)
         order = token_order if g.token_order is None else g.token_order
-        return sparse_attention(qq, kk, vv, g.mask, order, key_valid=key_valid, backend=backend, scale=scale)
+        mask = g.mask if g.select is None else g.select(qq, kk, key_valid=key_valid, scale=scale)
+        return sparse_attention(qq, kk, vv, mask, order, key_valid=key_valid, backend=backend, scale=scale)
 
     if len(groups) == 1 and groups[0].heads is None:
         out = run(groups[0], q, k, v)
@@ -656,6 +659,15 @@ class SparseAttnProcessor:
             cache[key] = mask
         return cache[key]
 
+    def selection(self, spec_key: str, layout: VideoLayout, device) -> DynamicSelection:
+        """The per-call selection of one dynamic spec (its JSON key) on ``layout``: its static part
+        built once and shared by every layer and head with the spec; cached per layout."""
+        cache = self._layout_cache(layout, device)
+        key = "select:" + spec_key
+        if key not in cache:
+            cache[key] = DynamicSelection(json.loads(spec_key), layout, device)
+        return cache[key]
+
     def _prepare(self, mask: BlockSparseMask, device) -> None:
         """Derive now, while building, what the backends read from a mask per call (its density, the
         tiled kernel's query-tile lists), so a sparse call, or a compiled graph, only looks them up."""
@@ -692,10 +704,13 @@ class SparseAttnProcessor:
                 spec = json.loads(k)
                 own = spec_layout(spec, layout)
                 mask_key = json.dumps(without_temperature(spec), sort_keys=True)  # layers share masks across temperatures
-                made.append(HeadGroup(None if spec["kind"] == "dense" else self.pattern_mask(mask_key, layout, device),
+                dynamic = spec["kind"] != "dense" and is_dynamic(spec)
+                made.append(HeadGroup(None if spec["kind"] == "dense" or dynamic else
+                                      self.pattern_mask(mask_key, layout, device),
                                       None if whole else torch.tensor(heads, device=device),
                                       None if own == layout else own.token_order(device),
-                                      float(spec.get("temperature", 1.0))))
+                                      float(spec.get("temperature", 1.0)),
+                                      self.selection(mask_key, layout, device) if dynamic else None))
             cache[key] = tuple(made)
         return cache[key]
 
@@ -704,6 +719,9 @@ class SparseAttnProcessor:
         also the query-tile lists the tiled Triton kernel derives from them."""
         seen, total = set(), 0
         for value in self._layout_cache(layout, device).values():
+            if isinstance(value, DynamicSelection):  # its static part; the masks it makes live for one call
+                total += value.static.nbytes
+                continue
             masks = [value] if isinstance(value, BlockSparseMask) else [g.mask for g in value if g.mask is not None]
             for m in masks:
                 if id(m) in seen:

@@ -53,6 +53,8 @@ class MaskFamily:
     rule: ``rule(spec, layout) -> Rule`` on tile-coordinate distances (our own families).
     ladder: parameter sets for calibration's search, sparsest first (each a partial spec).
     peer: ``peer(spec, layout) -> peers.PeerMask``, the peer's own mask (peer families, instead of ``rule``).
+    dynamic: the family selects key blocks per call from q and k (``masks.dynamic``); its ``rule``
+        is the static part (always visited), and its blocks depend on the call.
     """
 
     kind: str
@@ -63,6 +65,7 @@ class MaskFamily:
     ladder: tuple[dict[str, Any], ...] = ()
     doc: str = ""
     peer: Callable[[Spec, VideoLayout], "peers.PeerMask"] | None = None
+    dynamic: bool = False
 
 
 FAMILIES: dict[str, MaskFamily] = {}
@@ -203,6 +206,31 @@ register_family(MaskFamily(
     rule=lambda s, lay: (lambda dt, dh, dw: (dh <= s["radius"]) & (dw <= s["radius"])),
     ladder=({"radius": 0}, {"radius": 1}),
     doc="Sparse VideoGen's temporal head: |dh|, |dw| <= radius, all frames"))
+def _check_dynamic(spec: Spec) -> None:
+    keep = spec["keep"]
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"dynamic keep must be an int >= 1 (key blocks selected per query block), got {keep!r}")
+    mass = spec["mass"]
+    if mass is not None and (isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0 < mass <= 1):
+        raise ValueError(f"dynamic mass must be None (always keep) or a number in (0, 1] (stop once the estimated "
+                         f"attention mass reaches it), got {mass!r}")
+    if mass is not None:
+        spec["mass"] = float(mass)
+    try:
+        _check_window(spec)
+    except ValueError as e:
+        raise ValueError(str(e).replace("sliding_tile", "dynamic")) from None
+
+
+register_family(MaskFamily(
+    "dynamic", {"keep": 4, "mass": None, "window": [1, 1, 1]}, check=_check_dynamic,
+    label=lambda s: (f"dynamic(k={s['keep']}" + (f",p={s['mass']:g}" if s["mass"] is not None else "")
+                     + f",w={','.join(map(str, s['window']))})"),
+    rule=_window_rule, dynamic=True,
+    ladder=({"keep": 2}, {"keep": 4}, {"keep": 8}, {"keep": 16, "mass": 0.9}),
+    doc="selected per call: the sliding-tile window (t, h, w tiles) always, plus per query block the keep key "
+        "blocks of highest estimated mass from block-pooled q and k (with mass: the fewest of them that reach "
+        "that estimated mass)"))
 register_family(MaskFamily(
     "union", {"of": []}, check=_check_union, label=lambda s: "|".join(spec_name(x) for x in s["of"]),
     doc="key blocks any of the specs 'of' visits"))
@@ -329,6 +357,11 @@ def spec_name(spec: str | Spec) -> str:
     order = f"@{s['order']}" if "order" in s and s["order"] != family.defaults.get("order") else ""
     temp = f"/T{s['temperature']:g}" if s.get("temperature", 1.0) != 1.0 else ""
     return family.label(s) + order + ("+sinks" if s.get("sinks") else "") + temp
+
+
+def is_dynamic(spec: str | Spec) -> bool:
+    """Whether the spec's blocks are selected per call (``MaskFamily.dynamic``)."""
+    return FAMILIES[normalize_spec(spec)["kind"]].dynamic
 
 
 def without_temperature(spec: str | Spec) -> Spec:

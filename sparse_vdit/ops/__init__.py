@@ -7,6 +7,7 @@ from .mass import block_attention_mass
 from .model_layout import attention_mass, dense_attention, sparse_attention
 from .order import freeze, frozen, key_order, order_digest, tiled_position
 from .reference import reference_attention, token_mask
+from .select import pooled_blocks, select_blocks, selection_flops
 from .torch_backend import torch_block_sparse_attention
 
 __all__ = [
@@ -22,7 +23,10 @@ __all__ = [
     "frozen",
     "key_order",
     "order_digest",
+    "pooled_blocks",
     "reference_attention",
+    "select_blocks",
+    "selection_flops",
     "sparse_attention",
     "tiled_position",
     "token_mask",

@@ -318,7 +318,7 @@ def _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> str:
     if mask.q_block * D >= 128 * 128:  # the gather kernel spills at any config there (static table)
         candidates = [b for b in candidates if b != "triton_gather"]
     candidates.append("flex")  # compiled FlexAttention: exact for any dtype and block pair
-    if mask.density() == 1.0 and token_order is None and kv_token_order is None and not return_lse:
+    if not mask.selected and mask.density() == 1.0 and token_order is None and kv_token_order is None and not return_lse:
         candidates.append("sdpa")
 
     def time_ms(name):

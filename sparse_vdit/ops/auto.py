@@ -94,4 +94,6 @@ def cpu_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
 def auto_key(q, mask, token_order, kv_token_order, return_lse: bool) -> tuple:
     B, H, N, D = q.shape
     return (B, H, N, D, str(q.dtype), mask.q_block, mask.kv_block, mask.heads, token_order is not None,
-            kv_token_order is not None, return_lse, round(mask.density(), 1))
+            kv_token_order is not None, return_lse,
+            # a selected mask (built per call) keys by its width: its density would be a read-back
+            ("selected", mask.kv_indices.shape[-1]) if mask.selected else round(mask.density(), 1))

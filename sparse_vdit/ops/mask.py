@@ -70,6 +70,9 @@ class BlockSparseMask:
     # (length, checksum) of the token order of the layout the mask was built for (``VideoLayout``),
     # or None for a mask over plain token order. The attention entry checks the order it is given.
     token_order_digest: tuple[int, int] | None = None
+    # Built per call on the device (``ops.select``): what is derived from it takes its widths from
+    # the index tensor's shape, never from a read-back, so a call that builds one makes no host sync.
+    selected: bool = False
     _derived: dict = field(default_factory=dict, repr=False, compare=False)  # per-mask caches (query tiles)
 
     def __post_init__(self):
@@ -180,7 +183,7 @@ class BlockSparseMask:
             dense[:, :, :Mq] = self.to_dense()
             sub = dense.view(Bm, H, Mt, R, Mk)
             union = sub.any(dim=3)
-            width = max(int(union.sum(-1).max()), 1)
+            width = min(Mk, R * self.kv_indices.shape[-1]) if self.selected else max(int(union.sum(-1).max()), 1)
             counts, indices = blocks_to_indices(union, width)
             bits = (sub.to(torch.int32) << torch.arange(R, device=self.device, dtype=torch.int32)[:, None]).sum(3)
             flags = torch.gather(bits, -1, indices.long()).to(torch.int32)
@@ -190,11 +193,19 @@ class BlockSparseMask:
 
     def to(self, device) -> "BlockSparseMask":
         return BlockSparseMask(self.kv_counts.to(device), self.kv_indices.to(device),
-                               self.q_block, self.kv_block, self.num_kv_blocks, self.token_order_digest)
+                               self.q_block, self.kv_block, self.num_kv_blocks, self.token_order_digest, self.selected)
 
     def for_token_order(self, digest: tuple[int, int] | None) -> "BlockSparseMask":
         """The same blocks, recorded as built for the token order with this ``order_digest``."""
-        return BlockSparseMask(self.kv_counts, self.kv_indices, self.q_block, self.kv_block, self.num_kv_blocks, digest)
+        return BlockSparseMask(self.kv_counts, self.kv_indices, self.q_block, self.kv_block, self.num_kv_blocks, digest,
+                               self.selected)
+
+    def batch_element(self, b: int) -> "BlockSparseMask":
+        """The mask of batch element ``b`` (batch 1); a broadcast mask (batch 1) is itself."""
+        if self.batch == 1:
+            return self
+        return BlockSparseMask(self.kv_counts[b:b + 1], self.kv_indices[b:b + 1], self.q_block, self.kv_block,
+                               self.num_kv_blocks, self.token_order_digest, self.selected)
 
     # ------------------------------------------------------------------ conversions
     def to_dense(self) -> torch.Tensor:

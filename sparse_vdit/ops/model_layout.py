@@ -20,13 +20,14 @@ from .order import freeze, key_order
 
 
 def _per_batch(fn: Callable, token_order: torch.Tensor, key_valid: torch.Tensor | None, *tensors: torch.Tensor):
-    """``fn(*tensors_in_bhnd, kv_token_order)`` over the whole batch, or once per batch element with
-    that element's key order when ``key_valid`` is given; results concatenated along batch."""
+    """``fn(*tensors_in_bhnd, kv_token_order)`` over the whole batch, or ``fn(*element_tensors,
+    kv_token_order, b)`` once per batch element ``b`` with that element's key order when ``key_valid``
+    is given; results concatenated along batch."""
     heads_first = [x.transpose(1, 2) for x in tensors]  # views, no copies
     if key_valid is None:
         return fn(*heads_first, None)
     orders = _key_orders(token_order, key_valid)
-    outs = [fn(*(x[b:b + 1] for x in heads_first), orders[b]) for b in range(tensors[0].shape[0])]
+    outs = [fn(*(x[b:b + 1] for x in heads_first), orders[b], b) for b in range(tensors[0].shape[0])]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -51,8 +52,9 @@ def sparse_attention(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, 
                      scale=None, check: bool = False) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors in model order; output ``[B, N, H, D]``.
     ``token_order`` is the mask's layout order (``VideoLayout.token_order``)."""
-    def run(qh, kh, vh, kv_order):
-        return block_sparse_attention(qh, kh, vh, mask, token_order=token_order, kv_token_order=kv_order,
+    def run(qh, kh, vh, kv_order, b=None):
+        m = mask if b is None else mask.batch_element(b)  # a per-batch mask (selected per call) is split too
+        return block_sparse_attention(qh, kh, vh, m, token_order=token_order, kv_token_order=kv_order,
                                       backend=backend, scale=scale, check=check)
 
     return _per_batch(run, token_order, key_valid, q, k, v).transpose(1, 2)
@@ -69,7 +71,7 @@ def dense_attention(q, k, v, *, key_valid=None, scale=None) -> torch.Tensor:
 def attention_mass(q, k, block_size: int, token_order: torch.Tensor, *, key_valid=None, backend=None) -> torch.Tensor:
     """fp32 ``[B, H, Mq, Mk]``: mean dense-attention probability mass each query block gives each key
     block of the tiled sequence (rows sum to 1). q, k: ``[B, N, H, D]`` in model order."""
-    def run(qh, kh, kv_order):
+    def run(qh, kh, kv_order, b=None):
         return block_attention_mass(qh, kh, block_size, token_order=token_order, kv_token_order=kv_order,
                                     backend=backend)
 
