@@ -96,3 +96,20 @@ def test_the_command_line_keeps_optional_packages_import_noise_quiet():
     assert run.returncode == 0 and "loaded" in run.stdout, run.stderr
     for noise in ("Failed to load", "Unable to import `torchao`", "register_constant"):
         assert noise not in run.stderr, run.stderr
+
+
+def test_calibrate_cli_with_the_dynamic_family_and_temperatures(tmp_path, capsys):
+    assert main(["calibrate", "--tiny", "--steps", "2", "--candidates", "dynamic,temporal", "--temperatures", "1.25",
+                 "--error-budget", "0.6", "--out", str(tmp_path / "plan.json")]) == 0
+    plan = sv.SparsityPlan.load(tmp_path / "plan.json")
+    assert plan.metrics["temperatures"] == [1.25] and "dynamic(k=4,w=1,1,1)" in plan.metrics["candidates"]
+    import json
+
+    records = json.loads((tmp_path / "plan_report" / "measurements.json").read_text())["records"]
+    assert any(o.endswith("/T1.25") for o in records[0]["options"])
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "plan.json"), "--grid", "8,16,16"]) == 0
+    if any(s["kind"] == "dynamic" for row in plan.heads for s in row):
+        assert "dynamic heads: their key blocks are selected per call" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--tiny", "--temperatures", "hot", "--out", str(tmp_path / "x.json")])

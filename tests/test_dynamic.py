@@ -198,3 +198,15 @@ def test_a_dynamic_plan_compiles_fullgraph_and_matches_eager():
     finally:
         sv.remove(model)
         torch._dynamo.reset()
+
+
+def test_the_most_a_dynamic_spec_visits_bounds_what_it_selects():
+    layout = _layout(text=5)
+    q, k, _ = _qkv(layout)
+    for spec in ({"kind": "dynamic", "keep": 2}, {"kind": "dynamic", "keep": 3, "mass": 0.5}):
+        bound = sv.masks.dynamic_max_density(spec, layout)
+        made = DynamicSelection(spec, layout, text_rows=True)(q, k).head_density()
+        assert bool((made <= bound + 1e-12).all())
+        if spec.get("mass") is None:  # keep fills every row: the bound is reached
+            assert float(made.min()) == pytest.approx(bound)
+        assert sv.masks.head_densities([spec], layout)[0] == pytest.approx(bound)

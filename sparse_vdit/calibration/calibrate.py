@@ -21,7 +21,8 @@ import torch
 
 from ..integration import (AttentionStrategy, LayerSlot, SparseAttnProcessor, adapter_for, apply, dense_plan,
                            eager_measurement, remove)
-from ..masks import block_matrix, ladder, normalize_spec, sink_blocks, spec_layout, spec_name
+from ..masks import (DynamicSelection, block_matrix, is_dynamic, ladder, normalize_spec, sink_blocks, spec_layout,
+                     spec_name)
 from ..ops import BlockSparseMask, default_backend, dense_attention
 from ..plan import SparsityPlan, model_fingerprint
 from .measure import (LayerMeasurement, head_errors, layer_attention_mass, mass_inside, option_names, sink_frames,
@@ -34,18 +35,21 @@ _MAX_CACHED = 256  # candidate / sink-aware mask sets kept at once
 
 class MeasuringAttention(AttentionStrategy):
     """Dense attention in every sparse-eligible layer at the sampled steps, which also measures each
-    candidate (and its sink-aware variant) on the call's own q, k and v. Elsewhere the stock
-    processors run."""
+    candidate (and its sink-aware variant) on the call's own q, k and v, at temperature 1 and at each
+    of ``temperatures``. A dynamic candidate's blocks are selected from the call's q and k. Elsewhere
+    the stock processors run."""
 
-    def __init__(self, candidates: list[dict], sample_steps: set[int], backend, sink_factor):
+    def __init__(self, candidates: list[dict], sample_steps: set[int], backend, sink_factor,
+                 temperatures: tuple[float, ...] = ()):
         self.candidates = candidates
-        self.options = option_names(candidates)
+        self.temperatures = tuple(temperatures)
+        self.options = option_names(candidates, self.temperatures)
         self.sample_steps = sample_steps
         self.backend = backend
         self.sink_factor = sink_factor
         self.records: list[LayerMeasurement] = []  # one per (sampled call, layer)
         self._cand_masks: dict[tuple, tuple] = {}
-        self._sink_masks: dict[tuple, BlockSparseMask] = {}
+        self._sink_masks: dict[tuple, tuple] = {}
         self.progress = None  # a tqdm bar whose postfix shows the step being run
 
     def on_forward(self, binding) -> None:
@@ -65,7 +69,7 @@ class MeasuringAttention(AttentionStrategy):
     @torch.no_grad()
     def _measure(self, layer, step, layout, q, k, v, o, key_valid, backend):
         device = q.device
-        heads = q.shape[2]
+        heads, D = q.shape[2], q.shape[3]
         # A candidate with its own ``order`` is measured on its own layout (mask, order and mass).
         layouts = [spec_layout(c, layout) for c in self.candidates]
         masses = {layout: layer_attention_mass(q, k, layout, key_valid, backend=backend)}
@@ -79,29 +83,54 @@ class MeasuringAttention(AttentionStrategy):
             if len(self._cand_masks) >= _MAX_CACHED:
                 self._cand_masks.clear()
             blocks = [block_matrix(c, lay).to(device) for c, lay in zip(self.candidates, layouts)]
-            masks = [BlockSparseMask.from_dense(b.expand(heads, -1, -1), lay.block_size).for_token_order(
-                lay.order_digest) for b, lay in zip(blocks, layouts)]
-            self._cand_masks[key] = (blocks, masks)
-        blocks, masks = self._cand_masks[key]
+            self._cand_masks[key] = (blocks, [self._static_or_selection(c, b, lay, heads)
+                                              for c, b, lay in zip(self.candidates, blocks, layouts)])
+        blocks, plain = self._cand_masks[key]
+        with_sinks = [self._with_sinks(c, b, sinks, lay, device) for c, b, lay in
+                      zip(self.candidates, blocks, layouts)] if any(sinks) else None
         orders = [lay.token_order(device) for lay in layouts]
-        errors = head_errors(q, k, v, o, masks, orders, backend, key_valid)  # [C, H]
-        if any(sinks):
-            # Sink-aware variants: each candidate with each head's own sink frames always visited.
-            sink_masks = [self._with_sinks(b, sinks, lay, device) for b, lay in zip(blocks, layouts)]
-            sink_errors = head_errors(q, k, v, o, sink_masks, orders, backend, key_valid)
-        else:  # no sinks found: the sink-aware variants are the candidates themselves
-            sink_masks, sink_errors = masks, errors
-        all_masks = masks + sink_masks  # the order of option_names
-        inside = torch.stack([mass_inside(masses[lay], m) for m, lay in zip(all_masks, layouts + layouts)])  # [2C, H]
+        errors, densities, inside = [], [], []
+        for t in (1.0, *self.temperatures):
+            scale = None if t == 1.0 else D ** -0.5 / t
+            masks = [self._mask(m, q, k, key_valid, scale) for m in plain]
+            err = head_errors(q, k, v, o, masks, orders, backend, key_valid, scale=scale)  # [C, H]
+            if with_sinks is not None:  # each candidate with each head's own sink frames always visited
+                sink_masks = [self._mask(m, q, k, key_valid, scale) for m in with_sinks]
+                sink_err = head_errors(q, k, v, o, sink_masks, orders, backend, key_valid, scale=scale)
+            else:  # no sinks found: the sink-aware variants are the candidates themselves
+                sink_masks, sink_err = masks, err
+            errors.append(torch.cat([err, sink_err]))
+            for m, lay in zip(masks + sink_masks, layouts + layouts):  # the order of option_names
+                densities.append(m.head_density().tolist())
+                inside.append(mass_inside(masses[lay], m))
+        select = [self._selection_cost(m, D) for m in plain] * (2 * (1 + len(self.temperatures)))
         self.records.append(LayerMeasurement(
             layer=layer, step=step, options=self.options,
-            errors=torch.cat([errors, sink_errors]).cpu().tolist(),
-            densities=[m.head_density().tolist() for m in all_masks], sink_frames=sinks,
-            mass_inside=inside.cpu().tolist(), top1pct_key_mass=top_key_share(mass).cpu().tolist(),
+            errors=torch.cat(errors).cpu().tolist(), densities=densities, sink_frames=sinks,
+            mass_inside=torch.stack(inside).cpu().tolist(), top1pct_key_mass=top_key_share(mass).cpu().tolist(),
+            selection_cost=select,
         ))
 
-    def _with_sinks(self, blocks, sinks, layout, device):
-        """A candidate's block matrix with each head's sink-frame key blocks added (cached)."""
+    @staticmethod
+    def _static_or_selection(spec, blocks, layout, heads):
+        """A static candidate's mask over ``heads`` heads, or a dynamic candidate's selection over the
+        static ``blocks``."""
+        if is_dynamic(spec):
+            return DynamicSelection(spec, layout, blocks.device, static=blocks[None])
+        return BlockSparseMask.from_dense(blocks.expand(heads, -1, -1), layout.block_size).for_token_order(
+            layout.order_digest)
+
+    @staticmethod
+    def _mask(m, q, k, key_valid, scale):
+        return m(q, k, key_valid=key_valid, scale=scale) if isinstance(m, DynamicSelection) else m
+
+    @staticmethod
+    def _selection_cost(m, head_dim) -> float:
+        return m.selection_cost(head_dim) if isinstance(m, DynamicSelection) else 0.0
+
+    def _with_sinks(self, spec, blocks, sinks, layout, device):
+        """A candidate's block matrix with each head's sink-frame key blocks added: its mask, or its
+        selection over that static part (cached)."""
         key = (id(blocks), layout, tuple(map(tuple, sinks)))
         if key not in self._sink_masks:
             if len(self._sink_masks) >= _MAX_CACHED:
@@ -110,9 +139,12 @@ class MeasuringAttention(AttentionStrategy):
             for h, frames in enumerate(sinks):
                 if frames:
                     per_head[h][:, sink_blocks({"frames": frames}, layout).to(device)] = True
-            self._sink_masks[key] = BlockSparseMask.from_dense(per_head, layout.block_size).for_token_order(
-                layout.order_digest)
-        return self._sink_masks[key]
+            if is_dynamic(spec):
+                made = DynamicSelection(spec, layout, device, static=per_head)
+            else:
+                made = BlockSparseMask.from_dense(per_head, layout.block_size).for_token_order(layout.order_digest)
+            self._sink_masks[key] = (blocks, made)  # the blocks keep id(blocks) from being reused
+        return self._sink_masks[key][1]
 
 
 def _check_embeds(name: str, embeds: list, transformer) -> None:
@@ -180,36 +212,58 @@ def sample_step_indices(num_steps: int, sample: Sequence[float] | None) -> list[
 
 
 def decide(records: list[dict], candidates: list[dict], num_layers: int, num_heads: int, num_steps: int,
-           error_budget: float, warmup_choices=WARMUP_CHOICES) -> dict[str, Any]:
-    """Choose per head the sparsest candidate within ``error_budget`` (worst case over prompts and the
+           error_budget: float, warmup_choices=WARMUP_CHOICES, temperatures: Sequence[float] = ()) -> dict[str, Any]:
+    """Choose per head the cheapest candidate within ``error_budget`` (worst case over prompts and the
     sampled steps after the warm-up), else dense; pick the warm-up that minimizes expected cost.
+
+    A candidate's cost is its mean density, plus, for a dynamic one, its selection's cost per call
+    (``LayerMeasurement.selection_cost``), against 1 for dense. With ``temperatures`` measured too,
+    the mask is chosen at whichever temperature lets it fit, and the head keeps a temperature only
+    where it gives that mask a lower error than temperature 1.
 
     Returns {"heads": [[spec]], "dense_steps": float, "dense_layers": [...], "per_head": [...]}.
     """
     C = len(candidates)
-    options = [(c, False) for c in range(C)] + [(c, True) for c in range(C)]  # the order of option_names
-    names = option_names(candidates)
+    temps = (1.0, *temperatures)
+    # the order of option_names: candidates, then with sinks; that again at each temperature
+    options = [(c, sinks, t) for t in temps for sinks in (False, True) for c in range(C)]
+    names = option_names(candidates, tuple(temperatures))
     records = [r if isinstance(r, LayerMeasurement) else LayerMeasurement.from_dict(r, names) for r in records]
     for r in records:
         if r.options != names:
             raise ValueError(f"record of layer {r.layer} measured options {r.options}, not {names}")
+    O, nT = len(options), len(temps)
     best = None
     for warm in warmup_choices:
         first = math.ceil(warm * num_steps)
-        worst = torch.zeros(num_layers, len(options), num_heads)
-        density = torch.ones(num_layers, len(options), num_heads)
-        seen = torch.zeros(num_layers, dtype=torch.bool)
+        worst = torch.zeros(num_layers, O, num_heads)
+        cost_sum = torch.zeros(num_layers, O, num_heads)
+        density_sum = torch.zeros(num_layers, O, num_heads)
+        seen = torch.zeros(num_layers)
         for r in records:
             if r.step < first:
                 continue
-            seen[r.layer] = True
+            seen[r.layer] += 1
             worst[r.layer] = torch.maximum(worst[r.layer], torch.tensor(r.errors))
-            density[r.layer] = torch.tensor(r.densities)
-        if not seen.all():
+            dens = torch.tensor(r.densities)
+            select = torch.tensor(r.selection_cost or [0.0] * O)[:, None]
+            density_sum[r.layer] += dens
+            cost_sum[r.layer] += dens + select  # a dynamic option pays for its selection
+        if not (seen > 0).all():
             continue  # a warm-up that leaves layers unmeasured cannot be judged
+        density = density_sum / seen[:, None, None]  # a dynamic option's varies per call: its mean
+        cost = cost_sum / seen[:, None, None]
         ok = worst <= error_budget
-        cost_if_ok = torch.where(ok, density, torch.full_like(density, 2.0))
-        choice_cost, choice = cost_if_ok.min(dim=1)  # [L, H]
+        cost_if_ok = torch.where(ok, cost, torch.full_like(cost, 2.0))
+        # The mask (candidate, sinks) first: the cheapest within budget at any temperature ...
+        _, mask_choice = cost_if_ok.view(num_layers, nT, 2 * C, num_heads).min(dim=1).values.min(dim=1)  # [L, H]
+        # ... then at that mask the temperature with the lowest error (1 unless another is lower).
+        at_mask = mask_choice[:, None, None, :].expand(num_layers, nT, 1, num_heads)
+        err_at = torch.where(ok, worst, torch.full_like(worst, float("inf"))).view(
+            num_layers, nT, 2 * C, num_heads).gather(2, at_mask).squeeze(2)  # [L, nT, H]
+        temp_choice = err_at.argmin(dim=1)  # the first minimum: temperature 1 on ties
+        choice = temp_choice * (2 * C) + mask_choice
+        choice_cost = cost_if_ok.gather(1, choice[:, None, :]).squeeze(1)
         head_cost = choice_cost.clamp(max=1.0)
         expected = warm + (1 - warm) * float(head_cost.mean())
         if best is None or expected < best[0] - 1e-9:
@@ -224,8 +278,10 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
             if choice_cost[layer, h] >= 1.0:  # nothing within budget, or only masks that visit everything
                 spec = {"kind": "dense"}
             else:
-                c, with_sinks = options[int(choice[layer, h])]
+                c, with_sinks, temp = options[int(choice[layer, h])]
                 spec = dict(candidates[c])
+                if temp != 1.0:
+                    spec["temperature"] = temp
                 if with_sinks:
                     frames = _sinks_of(records, layer, h)
                     if frames:
@@ -246,6 +302,9 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
                 "best_option": best_name,
                 "density": float(density[layer, int(choice[layer, h]), h]) if spec["kind"] != "dense" else 1.0,
                 "error": float(worst[layer, int(choice[layer, h]), h]) if spec["kind"] != "dense" else 0.0,
+                # the same mask at temperature 1 (equal to "error" when no temperature is kept)
+                "error_at_temperature_1": float(worst[layer, int(choice[layer, h]) % (2 * C), h])
+                if spec["kind"] != "dense" else 0.0,
                 "worst_error_by_option": by_option,
             })
         heads.append(row)
@@ -325,6 +384,7 @@ def calibrate(
     order: str = "fhw",
     sample_steps: Sequence[float] | None = None,
     sink_factor: float = 4.0,
+    temperatures: Sequence[float] = (),
     backend: str | None = None,
     checkpoint: str | pathlib.Path | None = None,
     global_budget: float | None = None,
@@ -342,7 +402,12 @@ def calibrate(
         candidates: mask specs to try (each also with each head's detected sink frames).
         ladders: expand each candidate given as a bare kind name into its family's ladder of
             parameters (``sparse_vdit.masks.ladder``), so each head gets the cheapest rung within
-            budget across all families; costs one measurement per rung.
+            budget across all families; costs one measurement per rung. A ``dynamic`` candidate
+            selects its blocks per call from q and k; its selection's FLOPs count in its cost.
+        temperatures: softmax temperatures to try besides 1 (e.g. ``(0.9, 1.1, 1.25)``): every
+            candidate is also measured at each, a mask may be chosen at one where it fits the
+            budget only with it, and a head keeps a temperature only where it lowers the error of
+            its chosen mask. Costs one more measurement of every candidate per temperature.
         error_budget: largest allowed relative error ||O_mask - O_dense|| / ||O_dense|| per head.
         tile, block, order: the token layout the plan's masks are built on (``VideoLayout``); e.g.
             ``tile=(6, 8, 8), block=64`` for STA's tiles, ``tile=(0, 0, 0), block=64`` for raster order.
@@ -367,6 +432,16 @@ def calibrate(
     cand = sorted({spec_name(c): c for c in expanded}.values(), key=lambda c: spec_name(c))
     if not cand or any(c["kind"] == "dense" for c in cand):
         raise ValueError("candidates must be a non-empty list of sparse mask specs (dense is always the fallback)")
+    if any("temperature" in c for c in cand):
+        raise ValueError("candidates carry no temperature: give the temperatures to try as temperatures=(...), and "
+                         "calibration keeps one per head only where it lowers that head's error")
+    temps = []
+    for t in temperatures:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperatures must be positive numbers (softmax logits are divided by them), got {t!r}")
+        if float(t) != 1.0 and float(t) not in temps:
+            temps.append(float(t))
+    temps = tuple(sorted(temps))
     if run is None:
         if not hasattr(target, "transformer"):
             raise ValueError("a bare transformer needs run=callable(transformer, prompt_index)")
@@ -401,9 +476,10 @@ def calibrate(
             done = json.loads(ckpt.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"calibration checkpoint {ckpt} is not valid JSON ({e}); remove it to start over") from None
-        if done.get("model") != model_fingerprint(transformer) or done.get("candidates") != cand:
-            raise ValueError(f"checkpoint {ckpt} was made for another model or candidate set; remove it to start over")
-    measurer = MeasuringAttention(cand, set(steps), backend, sink_factor)
+        if (done.get("model") != model_fingerprint(transformer) or done.get("candidates") != cand
+                or tuple(done.get("temperatures", ())) != temps):
+            raise ValueError(f"checkpoint {ckpt} was made for another model, candidate set or temperatures; remove it to start over")
+    measurer = MeasuringAttention(cand, set(steps), backend, sink_factor, temps)
     # A sparse plan already applied is put back afterwards.
     previous = next((m.processor for _, m in adapter_for(transformer).processor_modules(transformer)
                      if isinstance(m.processor, SparseAttnProcessor)), None)
@@ -424,7 +500,8 @@ def calibrate(
             done["prompts_done"] = i + 1
             if ckpt is not None:
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
-                ckpt.write_text(json.dumps({**done, "model": model_fingerprint(transformer), "candidates": cand}))
+                ckpt.write_text(json.dumps({**done, "model": model_fingerprint(transformer), "candidates": cand,
+                                             "temperatures": list(temps)}))
     finally:
         layout = proc.layout  # the grid calibrated on, before removing forgets it
         remove(transformer)
@@ -432,9 +509,11 @@ def calibrate(
             apply(transformer, previous.plan, backend=previous.backend, attention=previous.attention)
 
     def make_plan(budget):
-        d = decide(done["records"], cand, base.num_layers, base.num_heads, num_inference_steps, budget)
+        d = decide(done["records"], cand, base.num_layers, base.num_heads, num_inference_steps, budget,
+                   temperatures=temps)
         metrics = {
-            "error_budget": budget, "candidates": [spec_name(c) for c in cand], "sampled_steps": steps,
+            "error_budget": budget, "candidates": [spec_name(c) for c in cand], "temperatures": list(temps),
+            "sampled_steps": steps,
             "num_inference_steps": num_inference_steps, "prompts": num_prompts,
             "layout": layout.describe() if layout else None,
             "expected_attention_cost": d["expected_attention_cost"],

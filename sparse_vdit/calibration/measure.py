@@ -16,11 +16,13 @@ from ..masks import VideoLayout, spec_name
 from ..ops import BlockSparseMask, attention_mass, sparse_attention
 
 
-def option_names(candidates: list[dict]) -> list[str]:
+def option_names(candidates: list[dict], temperatures: tuple[float, ...] = ()) -> list[str]:
     """The options calibration measures per head, in record order: every candidate, then every
-    candidate with the head's sink frames added."""
+    candidate with the head's sink frames added; then the same again at each of ``temperatures``
+    (besides 1), named with ``/T<t>``."""
     names = [spec_name(c) for c in candidates]
-    return names + [n + "+sinks" for n in names]
+    base = names + [n + "+sinks" for n in names]
+    return base + [n + f"/T{t:g}" for t in temperatures for n in base]
 
 
 @dataclass
@@ -36,6 +38,9 @@ class LayerMeasurement:
     sink_frames: list[list[int]]  # [head]
     mass_inside: list[list[float]] = field(default_factory=list)  # [option][head]
     top1pct_key_mass: list[float] = field(default_factory=list)  # [head]
+    # [option]: what selecting the option's blocks costs per call, as a fraction of dense attention's
+    # FLOPs (dynamic options; 0 for static masks). Empty: none.
+    selection_cost: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,13 +56,15 @@ class LayerMeasurement:
                              f"expected options {opts}")
         return cls(layer=int(d["layer"]), step=int(d["step"]), options=list(opts), errors=d["errors"],
                    densities=d["densities"], sink_frames=d["sink_frames"], mass_inside=d.get("mass_inside", []),
-                   top1pct_key_mass=d.get("top1pct_key_mass", []))
+                   top1pct_key_mass=d.get("top1pct_key_mass", []), selection_cost=d.get("selection_cost", []))
 
 
-def head_errors(q, k, v, o_dense, masks: list[BlockSparseMask], order, backend, key_valid=None) -> torch.Tensor:
+def head_errors(q, k, v, o_dense, masks: list[BlockSparseMask], order, backend, key_valid=None,
+                scale=None) -> torch.Tensor:
     """float [C, H]: per candidate mask and head, the relative output error against dense, worst over
     the batch. q, k, v, o_dense: [B, N, H, D]. Rows of padded (invalid) queries are left out.
-    ``order``: the token order of the masks' layout, or a list of them, one per mask."""
+    ``order``: the token order of the masks' layout, or a list of them, one per mask. ``scale``: the
+    sparse heads' softmax scale (a temperature; ``o_dense`` stays the model's own output)."""
     orders = order if isinstance(order, (list, tuple)) else [order] * len(masks)
     ref = o_dense.float()
     if key_valid is not None:
@@ -65,7 +72,7 @@ def head_errors(q, k, v, o_dense, masks: list[BlockSparseMask], order, backend, 
     ref_norm = ref.pow(2).sum(dim=(1, 3)).sqrt().clamp(min=1e-12)  # [B, H]
     out = []
     for mask, mask_order in zip(masks, orders):
-        o = sparse_attention(q, k, v, mask, mask_order, key_valid=key_valid, backend=backend).float()
+        o = sparse_attention(q, k, v, mask, mask_order, key_valid=key_valid, backend=backend, scale=scale).float()
         if key_valid is not None:
             o = o * key_valid[:, :, None, None]
         err = (o - ref).pow(2).sum(dim=(1, 3)).sqrt() / ref_norm  # [B, H]
@@ -98,7 +105,7 @@ def sink_frames(mass: torch.Tensor, layout: VideoLayout, factor: float = 4.0) ->
 
 def mass_inside(mass: torch.Tensor, mask: BlockSparseMask) -> torch.Tensor:
     """float [H]: share of attention mass that falls inside ``mask``'s blocks."""
-    dense = mask.to_dense()[0].to(mass.device)
+    dense = mask.to_dense().float().mean(0).to(mass.device)  # a per-batch (selected) mask: its mean over batch
     if dense.shape[0] == 1:
         dense = dense.expand(mass.shape[0], -1, -1)
     return (mass * dense).sum(dim=(1, 2)) / mass.sum(dim=(1, 2)).clamp(min=1e-12)

@@ -30,7 +30,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the pipeline's own)")
     p.add_argument("--candidates", default="sliding_tile,radial,spatial,temporal",
-                   help="comma-separated mask kinds to try per head (dense is always the fallback)")
+                   help="comma-separated mask kinds to try per head (dense is always the fallback); 'dynamic' "
+                        "selects key blocks per call from q and k, its selection counted in its cost")
+    p.add_argument("--temperatures", default="",
+                   help="comma-separated softmax temperatures to try besides 1 (e.g. 1.1,1.25): a head keeps one "
+                        "only where it lowers the error of its chosen mask")
     p.add_argument("--ladders", action="store_true",
                    help="search each candidate kind's ladder of parameters (window sizes, radial bands, ...) "
                         "instead of its default alone")
@@ -78,6 +82,10 @@ def run(args, p) -> int:
             sv.masks.normalize_spec(c)
     except ValueError as e:
         p.error(str(e))
+    try:
+        temperatures = tuple(float(t) for t in args.temperatures.split(",") if t.strip())
+    except ValueError:
+        p.error(f"--temperatures must be comma-separated numbers, got {args.temperatures!r}")
     check_fraction(p, "--error-budget", args.error_budget)
     if args.global_budget is not None and not args.global_budget > 0:
         p.error(f"--global-budget must be > 0, got {args.global_budget}")
@@ -138,7 +146,7 @@ def run(args, p) -> int:
             kw["guidance_scale"] = args.guidance_scale
         steps = args.steps
     plan = sv.calibrate(target, num_inference_steps=steps, candidates=candidates, ladders=args.ladders,
-                        error_budget=args.error_budget,
+                        error_budget=args.error_budget, temperatures=temperatures,
                         tile=tile, block=args.block, order=args.order, checkpoint=args.checkpoint, global_budget=args.global_budget, **kw)
     out = plan.save(args.out)
     report = pathlib.Path(args.report) if args.report else out.parent / (out.stem + "_report")

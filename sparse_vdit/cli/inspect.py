@@ -141,6 +141,10 @@ def run(args, p) -> int:
         print(f"worst layer {worst['layer']}: imbalance {worst['imbalance']:.2f} (the slowest rank sets the pace)")
     avg = total / (plan.num_layers * plan.num_heads)
     print(f"average density {avg:.3f}; attention speedup at most {1 / avg:.2f}x on sparse steps (ideal 1/density)")
+    dynamic = sum(s["kind"] != "dense" and sv.masks.is_dynamic(s) for row in plan.heads for s in row)
+    if dynamic:
+        print(f"{dynamic} dynamic heads: their key blocks are selected per call, so their density is the most they "
+              "visit (pictures show their static part)")
     if args.png:
         names = [sv.masks.spec_name(s) for s in plan.layer_specs(0)]
         print("saved", sv.viz.save_mask_png(sv.masks.build(plan.layer_specs(0), layout), args.png, names=names,

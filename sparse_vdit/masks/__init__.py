@@ -3,8 +3,8 @@ their own token partitions (``peers``)."""
 from . import peers
 from .families import (DEFAULTS, FAMILIES, KINDS, MaskFamily, block_matrix, build, ladder, normalize_spec, radial_rule,
                        head_densities, mask_layout, register_family, sink_blocks, spec_layout, spec_name, svg_attend,
-                       video_blocks, without_temperature, is_dynamic)
-from .dynamic import DynamicSelection, dynamic_max_density
+                       video_blocks, without_temperature, is_dynamic, dynamic_max_density)
+from .dynamic import DynamicSelection
 from .layout import VideoLayout, check_tile
 
 __all__ = [

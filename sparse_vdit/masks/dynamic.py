@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import BlockSparseMask, select_blocks, selection_flops
-from .families import Spec, block_matrix, is_dynamic, normalize_spec, spec_layout, without_temperature
+from .families import Spec, block_matrix, dynamic_max_density, is_dynamic, spec_layout, without_temperature  # noqa: F401
 from .layout import VideoLayout
 
 
@@ -52,13 +52,3 @@ class DynamicSelection:
         """Selection FLOPs as a fraction of dense attention's on this layout (``ops.selection_flops``)."""
         select, dense = selection_flops(self.layout.seq_len, self.layout.block_size, head_dim)
         return select / dense
-
-
-def dynamic_max_density(spec: str | Spec, layout: VideoLayout) -> float:
-    """The most a dynamic spec's heads can visit on ``layout``: the static part plus ``keep`` blocks on
-    each row that attends, as a fraction of all block pairs."""
-    spec = normalize_spec(spec)
-    static = block_matrix(spec, spec_layout(spec, layout))
-    rows = static.any(-1)
-    extra = torch.clamp(static.shape[-1] - static.sum(-1), max=spec["keep"]) * rows
-    return float((static.sum() + extra.sum()) / static.numel())

@@ -514,8 +514,21 @@ def build(
 
 def head_densities(specs: Sequence[str | Spec], layout: VideoLayout) -> torch.Tensor:
     """float64 ``[H]``: the block density of each head's spec, each on its own layout (``spec_layout``),
-    as ``build(specs, layout).head_density()`` gives when the specs share one order."""
-    return torch.tensor([float(block_matrix(s, layout).double().mean()) for s in specs], dtype=torch.float64)
+    as ``build(specs, layout).head_density()`` gives when the specs share one order; for a dynamic
+    spec, the most it can visit (:func:`dynamic_max_density`)."""
+    return torch.tensor([dynamic_max_density(s, layout) if normalize_spec(s)["kind"] != "dense" and is_dynamic(s)
+                         else float(block_matrix(s, layout).double().mean()) for s in specs], dtype=torch.float64)
+
+
+def dynamic_max_density(spec: str | Spec, layout: VideoLayout) -> float:
+    """The most a dynamic spec's heads can visit on ``layout``: its static part plus ``keep`` more key
+    blocks on each query row that attends, as a fraction of all block pairs (the selection may take
+    fewer: with ``mass``, or where fewer blocks hold tokens)."""
+    spec = normalize_spec(spec)
+    static = block_matrix(spec, layout)
+    visits = static.sum(-1)
+    extra = torch.clamp(static.shape[-1] - visits, max=spec["keep"]) * static.any(-1)
+    return (int(visits.sum()) + int(extra.sum())) / static.numel()
 
 
 def mask_layout(specs: Sequence[str | Spec], layout: VideoLayout) -> VideoLayout:
