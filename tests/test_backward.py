@@ -106,3 +106,16 @@ def test_gpu_bf16_gradients():
     own = _grads(lambda a, b, c: reference_attention(a, b, c, mask), q, k, v, g_o, g_lse)
     for a, r, t in zip(ours, ref, own):
         assert max_err(a, r) <= max(2 * max_err(t, r), 5e-2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gradients_with_a_table_of_key_orders_one_per_batch_element(backend):
+    layout = sv.VideoLayout(2, 6, 7, tile=(1, 4, 4), text_len=9)
+    mask = sv.masks.build(["radial", {"kind": "sliding_tile", "window": [1, 1, 1]}], layout, device=DEVICE)
+    order = layout.token_order(DEVICE)
+    key_valid = torch.ones(2, layout.seq_len, dtype=torch.bool, device=DEVICE)
+    key_valid[0, -4:] = False  # prompts of different lengths: padded text keys per batch element
+    key_valid[1, -1:] = False
+    key_valid[1, :20] = False
+    table = sv.ops.key_order(order, key_valid)
+    _check(backend, torch.float32, mask, 2, 2, layout.seq_len, 32, token_order=order, kv_token_order=table)

@@ -39,6 +39,7 @@ def block_sparse_attention_tiled_fwd_kernel(
     sm_scale_log2,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_ik,
+    stride_vb, stride_pb,
     H, L, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -57,6 +58,8 @@ def block_sparse_attention_tiled_fwd_kernel(
     p_idx = tile_indices + i_b * stride_ib + i_h * stride_ih + i_m * stride_im
     p_flg = tile_flags + i_b * stride_ib + i_h * stride_ih + i_m * stride_im
     n_blocks = tl.load(p_cnt)
+    p_valid = kv_valid + i_b * stride_vb  # a key order per batch element (stride 0: one for all)
+    p_pad = kv_block_pad + i_b * stride_pb
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
@@ -66,8 +69,8 @@ def block_sparse_attention_tiled_fwd_kernel(
         flags = tl.load(p_flg + i_blk * stride_ik)
         b_k = k.load([o_row + i_kb * BLOCK_N, 0])  # [BN, BD]
         b_s = tl.dot(b_q, tl.trans(b_k)) * sm_scale_log2  # [BM, BN] fp32 logits in log2 units
-        if tl.load(kv_block_pad + i_kb) != 0:  # this key block holds padding or left-out keys
-            m_kv = tl.load(kv_valid + i_kb * BLOCK_N + o_n) != 0  # [BN]
+        if tl.load(p_pad + i_kb) != 0:  # this key block holds padding or left-out keys
+            m_kv = tl.load(p_valid + i_kb * BLOCK_N + o_n) != 0  # [BN]
             b_s = tl.where(m_kv[None, :], b_s, float("-inf"))
         if flags != FULL:
             m_row = ((flags >> i_sub) & 1) != 0  # [BM] rows whose sub-block visits this key block
@@ -78,6 +81,11 @@ def block_sparse_attention_tiled_fwd_kernel(
     b_o, b_lse = online_softmax_finish(b_m, b_l, b_acc)  # empty rows: zeros, LSE -inf
     o.store([o_row + i_m * BLOCK_M, 0], b_o.to(o.dtype))
     tl.store(lse + i_bh.to(tl.int64) * L + i_m * BLOCK_M + tl.arange(0, BLOCK_M), b_lse)
+
+
+def batch_stride(t: torch.Tensor) -> int:
+    """The batch stride of a per-key table: 0 for one table shared by the batch ([L], or [1, L])."""
+    return t.stride(0) if t.dim() == 2 and t.shape[0] > 1 else 0
 
 
 def block_sparse_attention_tiled_fwd(
@@ -99,8 +107,9 @@ def block_sparse_attention_tiled_fwd(
     qt, kt, vt: contiguous [B, H, L, D] in tiled order (L a multiple of ``tile_rows`` and of
     ``kv_block``); tile_counts int32 [Bm, Hm, Mt]; tile_indices / tile_flags int32 [Bm, Hm, Mt, K]
     (key blocks of each ``tile_rows``-row query tile, and the bit field of its ``q_block`` sub-blocks
-    that visit each); kv_valid: int8 [L] (0 = not a key); kv_block_pad: int8 [L // kv_block], set
-    where a key block holds any position that is not a key.
+    that visit each); kv_valid: int8 [L] or [B, L] (0 = not a key; per batch element when 2-D);
+    kv_block_pad: int8 [L // kv_block] or [B, L // kv_block], set where a key block holds any
+    position that is not a key.
     Returns ot [B, H, L, D] in qt's dtype and lse fp32 [B, H, L], in tiled order.
     """
     B, H, L, D = qt.shape
@@ -124,6 +133,7 @@ def block_sparse_attention_tiled_fwd(
         scale * LOG2E_PY,
         cb, ch, tile_counts.stride(2),
         ib, ih, tile_indices.stride(2), tile_indices.stride(3),
+        batch_stride(kv_valid), batch_stride(kv_block_pad),
         H, L, D,
         BLOCK_M=tile_rows, BLOCK_N=kv_block, BLOCK_D=block_d, Q_BLOCK=q_block, DTYPE=str(qt.dtype).split(".")[-1],
         enable_fp_fusion=True,  # the exp2 softmax relies on FMA contraction; Triton 3.10 flips the default

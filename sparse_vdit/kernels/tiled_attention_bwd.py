@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, LOG2E_PY, STAGES, arch_pruner, autotune_configs, head_dim_block
+from .tiled_attention import batch_stride
 
 
 def _configs():
@@ -38,6 +39,7 @@ def block_sparse_attention_bwd_dq_kernel(
     sm_scale_log2, sm_scale,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_ik,
+    stride_vb, stride_pb,
     H, L, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
 ):
@@ -67,8 +69,8 @@ def block_sparse_attention_bwd_dq_kernel(
         b_k = tl.load(k + p_kv, mask=m_d[None, :], other=0.0)  # [BN, BD]
         b_v = tl.load(v + p_kv, mask=m_d[None, :], other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k)) * sm_scale_log2  # [BM, BN]
-        if tl.load(kv_block_pad + i_kb) != 0:
-            m_kv = tl.load(kv_valid + o_kv) != 0
+        if tl.load(kv_block_pad + i_b * stride_pb + i_kb) != 0:
+            m_kv = tl.load(kv_valid + i_b * stride_vb + o_kv) != 0
             b_s = tl.where(m_kv[None, :], b_s, float("-inf"))
         b_p = tl.math.exp2(b_s - b_lse2[:, None])  # [BM, BN]
         b_dp = tl.dot(b_do, tl.trans(b_v))  # [BM, BN]
@@ -86,6 +88,7 @@ def block_sparse_attention_bwd_dkdv_kernel(
     sm_scale_log2, sm_scale,
     stride_cb, stride_ch, stride_cn,
     stride_ib, stride_ih, stride_in, stride_ik,
+    stride_vb,
     H, L, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
 ):
@@ -104,7 +107,7 @@ def block_sparse_attention_bwd_dkdv_kernel(
     p_kv = (o_bh + o_n)[:, None] * HEAD_DIM + o_d[None, :]
     b_k = tl.load(k + p_kv, mask=m_d[None, :], other=0.0)  # [BN, BD]
     b_v = tl.load(v + p_kv, mask=m_d[None, :], other=0.0)
-    m_kv = tl.load(kv_valid + o_n) != 0  # [BN]
+    m_kv = tl.load(kv_valid + i_b * stride_vb + o_n) != 0  # [BN]; a key order per batch element when strided
     p_cnt = q_counts + i_b * stride_cb + i_h * stride_ch + i_n * stride_cn
     p_idx = q_indices + i_b * stride_ib + i_h * stride_ih + i_n * stride_in
     b_dk = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
@@ -159,6 +162,7 @@ def block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, kv_counts,
         scale * LOG2E_PY, scale,
         bstride(kv_counts, 0), bstride(kv_counts, 1), kv_counts.stride(2),
         bstride(kv_indices, 0), bstride(kv_indices, 1), kv_indices.stride(2), kv_indices.stride(3),
+        batch_stride(kv_valid), batch_stride(kv_block_pad),
         H, L, D, BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=block_d, ROWS=rows_q,
         enable_fp_fusion=True,
     )
@@ -167,6 +171,7 @@ def block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, kv_counts,
         scale * LOG2E_PY, scale,
         bstride(q_counts, 0), bstride(q_counts, 1), q_counts.stride(2),
         bstride(q_indices, 0), bstride(q_indices, 1), q_indices.stride(2), q_indices.stride(3),
+        batch_stride(kv_valid),
         H, L, D, BLOCK_M=q_block, BLOCK_N=kv_block, BLOCK_D=block_d, ROWS=rows_k,
         enable_fp_fusion=True,
     )

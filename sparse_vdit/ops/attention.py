@@ -8,7 +8,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import BlockSparseMask
-from .order import frozen, order_facts, tiled_position
+from .order import frozen, order_facts, table_rows, tiled_position
 from .torch_backend import (torch_block_sparse_attention, torch_block_sparse_attention_bwd, torch_masked_attention,
                             torch_masked_sdpa)
 
@@ -91,8 +91,7 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
     kv_gather, kv_valid, kv_block_pad = kt_.gather, kt_.valid, kt_.block_pad
     # Padding positions read token 0 (any finite row): their queries are dropped, their keys masked.
     qt = q.index_select(2, t.gather)
-    kt = k.index_select(2, kv_gather)
-    vt = v.index_select(2, kv_gather)
+    kt, vt = _gather_keys(k, kv_gather), _gather_keys(v, kv_gather)
     ot, lset = block_sparse_attention_tiled_fwd(qt, kt, vt, tile_counts, tile_indices, tile_flags, kv_valid,
                                                 kv_block_pad, scale, tile_rows, q_block, kv_block)
     o = ot.index_select(2, t.pos)
@@ -103,6 +102,26 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
     return o, lse
 
 
+def _gather_keys(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] at the tiled key positions ``gather``: one order [L] for the batch (a select),
+    or a [B, L] table, one order per batch element (one gather with a batch stride, no loop)."""
+    if gather.dim() == 1:
+        return x.index_select(2, gather)
+    B, H, _, D = x.shape
+    return torch.gather(x, 2, gather[:, None, :, None].expand(B, H, gather.shape[-1], D))
+
+
+def _back_to_model(xt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """xt [B, H, L, ...] in tiled order at each model token's tiled position ``pos`` ([N], or [B, N]
+    per batch element), zeros where a token has none."""
+    if pos.dim() == 1:
+        out = xt.index_select(2, pos.clamp(min=0))
+        return out.masked_fill((pos < 0).view(1, 1, -1, *([1] * (xt.dim() - 3))), 0.0)
+    B, H = xt.shape[:2]
+    idx = pos.clamp(min=0).view(B, 1, -1, *([1] * (xt.dim() - 3))).expand(B, H, pos.shape[-1], *xt.shape[3:])
+    return torch.gather(xt, 2, idx).masked_fill((pos < 0).view(B, 1, -1, *([1] * (xt.dim() - 3))), 0.0)
+
+
 class _OrderTables:
     """What the tiled path derives from a query order, once per order tensor and shape: the padded
     order's gather positions, key validity (int8 per position and per key block) and the way back
@@ -111,9 +130,10 @@ class _OrderTables:
     def __init__(self, q, token_order, length, step, kv_block, keys_only=False, cached=True):
         N = q.shape[2]
         order, _ = _tiled_orders(q, token_order, None, length, step)
-        self.gather = order.clamp(min=0)
+        # A [B, L] table of key orders (one per batch element) gathers with int64 indices.
+        self.gather = order.clamp(min=0) if order.dim() == 1 else order.clamp(min=0).long()
         self.valid = (order >= 0).to(torch.int8)
-        self.block_pad = (self.valid.view(-1, kv_block) == 0).any(-1).to(torch.int8)
+        self.block_pad = (self.valid.view(*self.valid.shape[:-1], -1, kv_block) == 0).any(-1).to(torch.int8)
         if keys_only:  # a key order: no way back
             self.missing = self.pos = None
             return
@@ -152,9 +172,9 @@ def _tiled_orders(q, token_order, kv_token_order, length, step):
         order = torch.arange(Lt, device=q.device, dtype=torch.int32)
         order = torch.where(order < N, order, torch.full_like(order, -1))
     else:
-        order = torch.nn.functional.pad(token_order, (0, Lt - token_order.numel()), value=-1)
+        order = torch.nn.functional.pad(token_order, (0, Lt - token_order.shape[-1]), value=-1)
     kv_order = order if kv_token_order is None else \
-        torch.nn.functional.pad(kv_token_order, (0, Lt - kv_token_order.numel()), value=-1)
+        torch.nn.functional.pad(kv_token_order, (0, Lt - kv_token_order.shape[-1]), value=-1)
     return order, kv_order
 
 
@@ -171,7 +191,8 @@ def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, 
     Lt = order.numel()
     q_ok, kv_ok = order >= 0, kv_order >= 0
     qi, ki = order.clamp(min=0), kv_order.clamp(min=0)
-    qt, kt, vt = q.index_select(2, qi), k.index_select(2, ki), v.index_select(2, ki)
+    ki = ki if ki.dim() == 1 else ki.long()  # a [B, L] table: one key order per batch element
+    qt, kt, vt = q.index_select(2, qi), _gather_keys(k, ki), _gather_keys(v, ki)
     dot = (grad_o.index_select(2, qi) * q_ok[:, None]).contiguous()
     ot = o.index_select(2, qi)
     lse_t = lse.index_select(2, qi)
@@ -179,16 +200,12 @@ def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, 
     lse_t = torch.where(q_ok & torch.isfinite(lse_t), lse_t, torch.full_like(lse_t, float("inf"))).contiguous()
     delta_t = ((dot.float() * ot.float()).sum(-1) - grad_lse.index_select(2, qi).float() * q_ok).contiguous()
     kv_valid = kv_ok.to(torch.int8)
-    kv_block_pad = (~kv_ok.view(-1, kv_block)).any(-1).to(torch.int8)
+    kv_block_pad = (~kv_ok.view(*kv_ok.shape[:-1], -1, kv_block)).any(-1).to(torch.int8)
     counts_r, indices_r, counts_c, indices_c = _backward_lists(kv_counts, kv_indices, Lt // q_block, Lt // kv_block)
     dqt, dkt, dvt = block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, counts_r, indices_r, counts_c,
                                                      indices_c, kv_valid, kv_block_pad, scale, q_block, kv_block)
     pos_q, pos_k = tiled_position(order, N), tiled_position(kv_order, N)
-
-    def back(xt, pos):
-        return xt.index_select(2, pos.clamp(min=0)).masked_fill((pos < 0)[None, None, :, None], 0.0)
-
-    return back(dqt, pos_q), back(dkt, pos_k), back(dvt, pos_k)
+    return _back_to_model(dqt, pos_q), _back_to_model(dkt, pos_k), _back_to_model(dvt, pos_k)
 
 
 # The backward's row and column lists of a mask, per mask tensor (the mask's own lists stand for it:
@@ -431,14 +448,19 @@ def unsupported(backend: str, dtype: torch.dtype, head_dim: int, q_block: int, k
     return None
 
 
-def _check_order(name, order, q, mask, N):
-    if not isinstance(order, torch.Tensor) or order.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D int32 tensor of tiled positions")
+def _check_order(name, order, q, mask, N, per_batch: bool = False):
+    if per_batch and isinstance(order, torch.Tensor) and order.dim() == 2:
+        if order.shape[0] not in (1, q.shape[0]):
+            raise ValueError(f"{name} as a table [B, L] of one key order per batch element needs B = 1 or "
+                             f"{q.shape[0]} (the batch size), got {tuple(order.shape)}")
+    elif not isinstance(order, torch.Tensor) or order.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of tiled positions"
+                         + (" (or a [B, L] table of them, one per batch element)" if per_batch else ""))
     if order.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {order.dtype}")
     if order.device != q.device:
         raise ValueError(f"{name} is on {order.device} but q is on {q.device}")
-    L = order.numel()
+    L = order.shape[-1]
     if L % mask.q_block or L % mask.kv_block:
         raise ValueError(f"{name} length {L} must be a multiple of the block sizes ({mask.q_block}, {mask.kv_block})")
     if not torch.compiler.is_compiling():
@@ -524,14 +546,27 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
                 "use the token_order of the same VideoLayout as the mask")
     mask.check_seq_len(N, padded_len=token_order.numel())
     if kv_token_order is not None:
-        _check_order("kv_token_order", kv_token_order, q, mask, N)
-        if kv_token_order.numel() != token_order.numel():
+        _check_order("kv_token_order", kv_token_order, q, mask, N, per_batch=True)
+        if kv_token_order.shape[-1] != token_order.numel():
             raise ValueError(
-                f"kv_token_order has {kv_token_order.numel()} positions but token_order has {token_order.numel()}"
+                f"kv_token_order has {kv_token_order.shape[-1]} positions but token_order has {token_order.numel()}"
             )
 
 
 # ---------------------------------------------------------------------------- public API
+def _each_batch_element(q, k, v, mask, scale, return_lse, token_order, kv_token_order, backend):
+    """``block_sparse_attention`` per batch element with its row of the key-order table (and of a
+    per-batch mask), concatenated."""
+    rows = table_rows(kv_token_order)
+    outs = [block_sparse_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask.batch_element(b), scale=scale,
+                                   return_lse=True, token_order=token_order, kv_token_order=rows[b if len(rows) > 1 else 0],
+                                   backend=backend, check=False) for b in range(q.shape[0])]
+    o = outs[0][0] if len(outs) == 1 else torch.cat([x[0] for x in outs])
+    if not return_lse:
+        return o
+    return o, outs[0][1] if len(outs) == 1 else torch.cat([x[1] for x in outs])
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -558,7 +593,9 @@ def block_sparse_attention(
             ``token_order[p]``, or padding when -1. The permutation is applied inside the kernel's
             loads and stores, so inputs and output stay in model order.
         kv_token_order: optional int32 ``[L]`` for keys (default: ``token_order``): a token it marks
-            -1 is never attended as a key but still computed as a query (e.g. padded text tokens).
+            -1 is never attended as a key but still computed as a query (e.g. padded text tokens);
+            or ``[B, L]``, one key order per batch element (the tiled Triton kernel reads it with a
+            batch stride in one launch; the other backends run the batch elements one by one).
         backend: ``"auto"`` (default on CUDA: the fastest exact backend, measured once per shape),
             ``"triton"`` (tiled kernel), ``"triton_gather"``, ``"torch"`` (block gather; default elsewhere),
             ``"torch_masked"`` (dense attention under the token-level mask: exact, fast for short sequences
@@ -574,6 +611,14 @@ def block_sparse_attention(
         _check_inputs(q, k, v, mask, token_order, kv_token_order, backend)
     D = q.shape[-1]
     scale = float(D ** -0.5) if scale is None else float(scale)
+    if kv_token_order is not None and kv_token_order.dim() == 2:
+        # One key order per batch element: the tiled kernel reads the table with a batch stride (one
+        # launch); the other backends take the batch elements one by one.
+        if backend == "auto" and q.device.type == "cuda" and \
+                unsupported("triton", q.dtype, D, mask.q_block, mask.kv_block, "cuda") is None:
+            backend = "triton"
+        if backend != "triton":
+            return _each_batch_element(q, k, v, mask, scale, return_lse, token_order, kv_token_order, backend)
     if backend == "auto":
         backend = _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse)
     if backend == "sdpa":  # auto chose dense attention for a mask that visits every block

@@ -16,13 +16,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .attention import block_sparse_attention
 from .mask import BlockSparseMask
 from .mass import block_attention_mass
-from .order import freeze, key_order
+from .order import freeze, key_order, table_rows
 
 
 def _per_batch(fn: Callable, token_order: torch.Tensor, key_valid: torch.Tensor | None, *tensors: torch.Tensor):
     """``fn(*tensors_in_bhnd, kv_token_order)`` over the whole batch, or ``fn(*element_tensors,
     kv_token_order, b)`` once per batch element ``b`` with that element's key order when ``key_valid``
-    is given; results concatenated along batch."""
+    is given; results concatenated along batch. (The attention mass's path; attention itself takes
+    the [B, L] table in one call.)"""
     heads_first = [x.transpose(1, 2) for x in tensors]  # views, no copies
     if key_valid is None:
         return fn(*heads_first, None)
@@ -37,27 +38,36 @@ _KEY_ORDERS = WeakIdKeyDictionary()
 
 
 def _key_orders(token_order: torch.Tensor, key_valid: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of :func:`key_order_table`, each frozen (the batch elements of a per-element loop)."""
+    return table_rows(key_order_table(token_order, key_valid))
+
+
+def key_order_table(token_order: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B, L]``: each batch element's key order (``token_order`` with the keys ``key_valid``
+    rules out set to -1), derived once per key-mask tensor and frozen."""
     if torch.compiler.is_compiling():
-        return [key_order(token_order, key_valid[b]) for b in range(key_valid.shape[0])]
+        return key_order(token_order, key_valid)
+    return _entry(token_order, key_valid)[2]
+
+
+def _entry(token_order, key_valid) -> list:
     entry = _KEY_ORDERS.get(key_valid)
     if entry is None or entry[0] is not token_order or entry[1] != (key_valid._version, token_order._version):
         # The entry holds the order it was derived for, so that identity cannot pass to a new tensor.
-        entry = (token_order, (key_valid._version, token_order._version),
-                 [freeze(key_order(token_order, key_valid[b])) for b in range(key_valid.shape[0])])
+        entry = [token_order, (key_valid._version, token_order._version), freeze(key_order(token_order, key_valid))]
         _KEY_ORDERS[key_valid] = entry
-    return entry[2]
+    return entry
 
 
 def sparse_attention(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, *, key_valid=None, backend=None,
                      scale=None, check: bool = False) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors in model order; output ``[B, N, H, D]``.
     ``token_order`` is the mask's layout order (``VideoLayout.token_order``)."""
-    def run(qh, kh, vh, kv_order, b=None):
-        m = mask if b is None else mask.batch_element(b)  # a per-batch mask (selected per call) is split too
-        return block_sparse_attention(qh, kh, vh, m, token_order=token_order, kv_token_order=kv_order,
-                                      backend=backend, scale=scale, check=check)
-
-    return _per_batch(run, token_order, key_valid, q, k, v).transpose(1, 2)
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # views, no copies
+    # Under a key mask every batch element has a key order of its own: a [B, L] table, one call.
+    kv_order = None if key_valid is None else key_order_table(token_order, key_valid)
+    return block_sparse_attention(qh, kh, vh, mask, token_order=token_order, kv_token_order=kv_order,
+                                  backend=backend, scale=scale, check=check).transpose(1, 2)
 
 
 def dense_attention(q, k, v, *, key_valid=None, scale=None) -> torch.Tensor:

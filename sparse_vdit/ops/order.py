@@ -55,19 +55,20 @@ class SnapshotCache:
 
 def tiled_position(order: torch.Tensor, seq_len: int) -> torch.Tensor:
     """int64 ``[seq_len]``: the tiled position of each model token (the inverse of ``order``), -1
-    where the order leaves a token out."""
+    where the order leaves a token out; ``[B, seq_len]`` for a ``[B, L]`` table of orders."""
     order = order.long()
     # Positions that hold no token scatter into a spare slot that is dropped: no boolean indexing,
     # so no host sync (a steady-state sparse call makes none).
     slot = torch.where(order >= 0, order, torch.full_like(order, seq_len))
-    where = torch.full((seq_len + 1,), -1, dtype=torch.long, device=order.device)
-    where.scatter_(0, slot, torch.arange(order.numel(), device=order.device))
-    return where[:seq_len]
+    where = torch.full((*order.shape[:-1], seq_len + 1), -1, dtype=torch.long, device=order.device)
+    where.scatter_(-1, slot, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return where[..., :seq_len]
 
 
 def key_order(order: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """``order`` with the tokens that ``key_valid`` (bool [N], model order) rules out set to -1."""
-    keys = torch.where((order >= 0) & key_valid[order.clamp(min=0).long()], order, torch.full_like(order, -1))
+    """``order`` with the tokens that ``key_valid`` (bool [N], model order) rules out set to -1; with
+    ``key_valid`` [B, N], the ``[B, L]`` table of every batch element's key order (one op, no loop)."""
+    keys = torch.where((order >= 0) & key_valid[..., order.clamp(min=0).long()], order, torch.full_like(order, -1))
     if torch.compiler.is_compiling():  # the validation cache is eager-only (the custom op checks nothing traced)
         return keys
     facts = _VALID_ORDERS.get(order)
@@ -75,6 +76,25 @@ def key_order(order: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
         # Within the parent's range by construction: checking it would be a read-back per call.
         _VALID_ORDERS[keys] = (keys._version, -1, facts[2], None)
     return keys
+
+
+_TABLE_ROWS = WeakIdKeyDictionary()
+
+
+def table_rows(table: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of a ``[B, L]`` table of orders, as the same row objects for as long as the table is
+    frozen and unchanged (so the caches keyed by identity hit), frozen and validated as the table is."""
+    if torch.compiler.is_compiling() or not frozen(table):
+        return list(table.unbind(0))
+    entry = _TABLE_ROWS.get(table)
+    if entry is None or entry[0] != table._version:
+        rows = [freeze(r) for r in table.unbind(0)]
+        facts = _VALID_ORDERS.get(table)
+        if facts is not None and facts[0] == table._version:
+            for r in rows:  # within the table's range: checking them would be a read-back each
+                _VALID_ORDERS[r] = (r._version, facts[1], facts[2], None)
+        entry = _TABLE_ROWS[table] = (table._version, rows)
+    return entry[1]
 
 
 # Orders already validated, per tensor (by identity) and version: (version, min, max, digest). A

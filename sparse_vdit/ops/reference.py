@@ -14,7 +14,8 @@ def token_mask(
     token_order: torch.Tensor | None = None,
     kv_token_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token-level boolean mask ``[Bm, H, N, N]`` in model token order.
+    """Token-level boolean mask ``[Bm, H, N, N]`` in model token order (``[B, H, N, N]`` for a
+    ``[B, L]`` table of key orders, one per batch element).
 
     Without ``token_order`` token ``t`` lies in block ``t // block``. With it, tiled position ``p``
     holds token ``token_order[p]`` (-1 = padding), so token ``token_order[p]`` lies in block
@@ -29,6 +30,11 @@ def token_mask(
         if (q_pos < 0).any():
             raise ValueError("token_order does not contain every token of the sequence")
         kv_pos = q_pos if kv_token_order is None else tiled_position(kv_token_order.to(dense.device), seq_len)
+    if kv_pos.dim() == 2:  # a [B, L] table: each batch element's keys follow its own row
+        B, H = kv_pos.shape[0], dense.shape[1]
+        rows = dense.expand(B, -1, -1, -1)[:, :, q_pos // mask.q_block]  # [B, H, N, Mk]
+        idx = (kv_pos.clamp(min=0) // mask.kv_block)[:, None, None, :].expand(B, H, seq_len, seq_len)
+        return torch.gather(rows, 3, idx) & (kv_pos >= 0)[:, None, None, :]
     allowed = dense[:, :, q_pos // mask.q_block][:, :, :, kv_pos.clamp(min=0) // mask.kv_block]
     return allowed & (kv_pos >= 0)
 

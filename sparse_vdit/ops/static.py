@@ -94,6 +94,7 @@ def _int_values(name: str, head_dim: int, block: int) -> dict[str, int]:
             "stride_cb": 0, "stride_ch": 0, "stride_cm": 1,
             "stride_ib": 0, "stride_ih": 0, "stride_im": REP_K, "stride_ik": 1,
             "stride_cn": 1, "stride_in": REP_K + 4,  # the backward's column lists (dK/dV)
+            "stride_vb": 0, "stride_pb": 0,  # one key order for the batch (no key mask)
             "stride_ob": H * N * D, "stride_oh": N * D, "stride_on": D, "stride_od": 1,
             "stride_lb": H * N, "stride_lh": N, "stride_ln": 1,
             "stride_mb": H * Mq * Mk, "stride_mh": Mq * Mk, "stride_mm": Mk, "stride_mk": 1}
