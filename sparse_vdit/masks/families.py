@@ -227,7 +227,7 @@ register_family(MaskFamily(
     label=lambda s: (f"dynamic(k={s['keep']}" + (f",p={s['mass']:g}" if s["mass"] is not None else "")
                      + f",w={','.join(map(str, s['window']))})"),
     rule=_window_rule, dynamic=True,
-    ladder=({"keep": 2}, {"keep": 4}, {"keep": 8}, {"keep": 16, "mass": 0.9}),
+    ladder=({"keep": 4}, {"keep": 8}, {"keep": 16}, {"keep": 32}, {"keep": 64, "mass": 0.95}),
     doc="selected per call: the sliding-tile window (t, h, w tiles) always, plus per query block the keep key "
         "blocks of highest estimated mass from block-pooled q and k (with mass: the fewest of them that reach "
         "that estimated mass)"))
