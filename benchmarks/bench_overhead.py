@@ -32,6 +32,8 @@ from . import common
 SHAPES = {
     "wan2.1-1.3b": (2, (21, 30, 52), 12, 128, 0, "after", False),
     "hunyuan-720p": (1, (33, 45, 80), 24, 128, 256, "after", True),
+    # with classifier-free guidance: two prompts, each with its own padded text keys
+    "hunyuan-720p-cfg": (2, (33, 45, 80), 24, 128, 256, "after", True),
     "cogvideox-5b": (2, (13, 30, 45), 48, 64, 226, "before", False),
 }
 ONE_SPEC = [{"kind": "sliding_tile", "window": [3, 3, 3]}]

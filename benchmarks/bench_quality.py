@@ -5,12 +5,15 @@ of the decoded video against dense, the relative error of the final latents, and
 density over the whole generation (dense steps and dense layers count 1).
 
 Plans: every rung of the ladder of each uniform family (the peers' ``sta``, ``radial_attn``,
-``svg_spatial``, ``svg_temporal``, and our own), and calibrated plans at several error budgets, with
-and without ladders. All plans share the dense warm-up (``--dense-steps``) and the layout (``--tile``).
-On the CPU the sparse runs use the exact ``torch_masked`` backend.
+``svg_spatial``, ``svg_temporal``, and our own, ``dynamic`` included), and calibrated plans at several
+error budgets, with and without ladders; with ``--option-budgets``, calibration from static candidates
+only against calibration that may also choose the dynamic family and a per-head temperature. All plans share the dense warm-up (``--dense-steps``) and the layout (``--tile``).
+On the CPU the sparse runs use the exact ``torch_masked`` backend (``--backend``).
 
     python -m benchmarks.bench_quality                    # writes benchmarks/results/quality_<device>.json and .png
     python -m benchmarks.bench_quality --families sta --budgets 0.05 --no-ladder-calibration   # a quick look
+    python -m benchmarks.bench_quality --families dynamic sliding_tile radial --budgets --ladder-budgets \
+        --option-budgets 0.1 0.2 0.3 0.4 --backend torch --json benchmarks/results/quality_dynamic_cpu--x86-64.json
 """
 from __future__ import annotations
 
@@ -27,9 +30,13 @@ from sparse_vdit.testing import shapes
 
 from . import common
 
-FAMILIES = ("sta", "radial_attn", "svg_spatial", "svg_temporal", "sliding_tile", "radial", "spatial", "temporal")
+FAMILIES = ("sta", "radial_attn", "svg_spatial", "svg_temporal", "sliding_tile", "radial", "spatial", "temporal",
+            "dynamic")
 DEFAULT_FAMILIES = ("sta", "radial_attn", "svg_spatial", "svg_temporal", "sliding_tile", "radial")
 CALIBRATION_CANDIDATES = ("sliding_tile", "radial", "spatial", "temporal")
+# what calibration may choose besides the static families' ladders: (the dynamic family, temperatures)
+OPTION_SETS = {"static": (False, False), "dynamic": (True, False), "temperature": (False, True),
+               "dynamic + temperature": (True, True)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ladder-budgets", nargs="*", type=float, default=[0.1, 0.2],
                    help="error budgets of the calibrations with ladders")
     p.add_argument("--no-ladder-calibration", action="store_true", help="calibrate without ladders only")
+    p.add_argument("--option-budgets", nargs="*", type=float, default=[],
+                   help="error budgets at which to compare calibration with static candidates only (with ladders) "
+                        "against calibration that may also choose the dynamic family and a temperature; each is "
+                        "measured once and decided at every budget")
+    p.add_argument("--temperatures", nargs="*", type=float, default=[1.1, 1.25],
+                   help="temperatures the calibrations of --option-budgets with temperature try besides 1")
+    p.add_argument("--option-sets", nargs="*", default=["static", "dynamic + temperature"], choices=list(OPTION_SETS),
+                   help="what the calibrations of --option-budgets may choose (static: every static family's ladder)")
+    p.add_argument("--merge", default=None, help="keep the rows of this earlier result file (same held-out set)")
     p.add_argument("--max-rungs", type=int, default=None, help="at most this many rungs of each ladder (sparsest first)")
     p.add_argument("--calibration-prompts", type=int, default=2, help="training prompts to calibrate on")
     p.add_argument("--seeds", type=int, default=1, help="seeds per held-out prompt")
@@ -47,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-steps", type=float, default=0.2, help="dense warm-up (fraction of steps), every plan")
     p.add_argument("--tile", default="1,4,4", help="the layout's tile (t,h,w)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default=None, help="sparse backend (default: auto on CUDA, the exact torch_masked "
+                   "on the CPU; torch, the CPU block gather, is exact too and faster for per-call dynamic masks)")
     p.add_argument("--json", default=None, help="output (default: benchmarks/results/quality_<device>.json)")
 
 
@@ -55,7 +73,8 @@ def main(argv=None):
 
 
 def plan_density(plan: sv.SparsityPlan, layout: sv.VideoLayout, num_steps: int) -> float:
-    """Fraction of dense attention's block pairs a generation computes under ``plan``."""
+    """Fraction of dense attention's block pairs a generation computes under ``plan`` (a dynamic head
+    counts the most it visits, ``masks.dynamic_max_density``: exact for specs without ``mass``)."""
     per_layer = [1.0 if plan.layer_is_dense(i) else float(sv.masks.head_densities(plan.layer_specs(i), layout).mean())
                  for i in range(plan.num_layers)]
     dense = plan.dense_step_count(num_steps) / num_steps
@@ -72,7 +91,7 @@ class Runner:
         self.pipe.set_progress_bar_config(disable=True)
         self.scenes = [sc for sc in shapes.HELD_OUT for _ in range(args.seeds)]
         self.kwargs = {**shapes.GENERATE_DEFAULTS, "num_inference_steps": args.steps}
-        self.backend = None if self.device.type == "cuda" else "torch_masked"
+        self.backend = args.backend or (None if self.device.type == "cuda" else "torch_masked")
         self.dense_latents = self.latents()
         self.dense_video = self.decode(self.dense_latents)
 
@@ -147,15 +166,60 @@ def run(args, p):
             record("calibrated", f"budget {budget}{' +ladders' if ladders else ''}", plan,
                    {"budget": budget, "ladders": ladders, "calibration_s": calib_s, "dense_heads": dense_heads,
                     "heads": plan.num_layers * plan.num_heads})
+    if args.option_budgets:
+        compare_options(args, runner, tile, calib_prompts, record)
     device = runner.device
     meta = common.result_meta(device, held_out=[sc.prompt for sc in runner.scenes], steps=args.steps,
                               dense_steps=args.dense_steps, tile=list(tile), dense_prompt_followed=dense_right,
                               calibration_prompts=calib_prompts, backend=runner.backend or "auto")
     path = args.json or common.RESULTS / f"quality_{common.device_slug(device)}.json"
+    if args.merge:
+        earlier = json.loads(open(args.merge).read())
+        if earlier["meta"]["held_out"] != meta["held_out"] or earlier["meta"]["steps"] != meta["steps"]:
+            p.error(f"--merge {args.merge}: another held-out set or step count")
+        rows = earlier["rows"] + rows
+        meta["merged_from"] = earlier["meta"]
     common.write_json(path, meta, rows)
     png = plot(rows, str(path).rsplit(".", 1)[0] + ".png", meta)
     print(f"picture: {png}")
     return path
+
+
+def compare_options(args, runner, tile, calib_prompts, record) -> None:
+    """Calibration with static candidates only (every family's ladder) against the same plus the
+    dynamic family's ladder and ``--temperatures``, each measured once (a checkpoint), decided at
+    every budget of ``--option-budgets``; rows say how many of the static plan's dense heads the
+    other runs sparse."""
+    import tempfile
+
+    options = [(name, [*CALIBRATION_CANDIDATES, *(["dynamic"] if OPTION_SETS[name][0] else [])],
+                tuple(args.temperatures) if OPTION_SETS[name][1] else ()) for name in args.option_sets]
+    with tempfile.TemporaryDirectory() as tmp:
+        static_dense: dict[float, set] = {}
+        for name, candidates, temperatures in options:
+            ckpt = f"{tmp}/{name.replace(' ', '').replace('+', '_')}.json"
+            for budget in args.option_budgets:
+                t0 = time.perf_counter()
+                plan = sv.calibrate(runner.pipe, prompts=calib_prompts, negative_prompt="", candidates=candidates,
+                                    ladders=True, temperatures=temperatures, error_budget=budget, tile=tile,
+                                    sample_steps=(0.25, 0.5, 0.75, 0.95), backend=runner.backend, checkpoint=ckpt,
+                                    progress=False, **runner.kwargs)
+                calib_s = time.perf_counter() - t0  # the first budget measures; the others only decide
+                plan.dense_steps = args.dense_steps
+                specs = [(i, h, sv.masks.normalize_spec(s)) for i in range(plan.num_layers)
+                         for h, s in enumerate(plan.layer_specs(i))]
+                dense = {(i, h) for i, h, s in specs if s["kind"] == "dense"}
+                extra = {"budget": budget, "ladders": True, "options": name, "calibration_s": calib_s,
+                         "dense_heads": len(dense), "heads": len(specs),
+                         "dynamic_heads": sum(s["kind"] == "dynamic" for _, _, s in specs),
+                         "temperature_heads": sum("temperature" in s for _, _, s in specs),
+                         "temperatures": list(temperatures)}
+                if name == "static":
+                    static_dense[budget] = dense
+                elif budget in static_dense:
+                    was = static_dense[budget]
+                    extra["static_dense_heads_now_sparse"] = f"{len(was - dense)}/{len(was)}"
+                record("calibrated", f"budget {budget} {name}", plan, extra)
 
 
 def plot(rows, path, meta):
@@ -169,10 +233,17 @@ def plot(rows, path, meta):
         for fam in sorted({r["family"] for r in rows if r["kind"] == "uniform"}):
             pts = sorted((r["density"], r[key]) for r in rows if r.get("family") == fam)
             ax.plot(*zip(*pts), marker="o", ms=3.5, lw=1.2, label=fam)
-        for ladders, style in ((False, "k-s"), (True, "r-D")):
-            pts = sorted((r["density"], r[key]) for r in rows if r["kind"] == "calibrated" and r["ladders"] == ladders)
+        for ladders, options, style, series in ((False, None, "k-s", "calibrated"),
+                                               (True, None, "r-D", "calibrated + ladders"),
+                                               (True, "static", "k-s", "calibrated, static + ladders"),
+                                               (True, "dynamic", "c-^", "calibrated, + dynamic"),
+                                               (True, "temperature", "y-v", "calibrated, + temperature"),
+                                               (True, "dynamic + temperature", "m-D",
+                                                "calibrated, + dynamic + temperature")):
+            pts = sorted((r["density"], r[key]) for r in rows if r["kind"] == "calibrated" and r["ladders"] == ladders
+                         and r.get("options") == options)
             if pts:
-                ax.plot(*zip(*pts), style, ms=5, lw=2, label="calibrated" + (" + ladders" if ladders else ""))
+                ax.plot(*zip(*pts), style, ms=5, lw=2, label=series)
         ax.set_xlabel("attention density over the generation (1 = dense)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
