@@ -1,3 +1,4 @@
+import json
 """Head groups: layers share one mask per spec, text queries run dense beside the kernel, and the
 result (values and gradients) equals one call with the layer's full per-head mask."""
 import pytest
@@ -43,17 +44,26 @@ def test_grouped_attention_equals_the_full_mask(backend, dtype, tol, position):
 
 
 def test_plan_masks_cost_per_distinct_spec_not_per_layer():
-    """60 layers x 8 heads drawn from 3 specs: the processor holds 3 masks for the layout."""
+    """60 layers x 8 heads drawn from 3 specs: the processor holds the 3 patterns (and the full one
+    dense heads may share a launch with) and one stack of them that every layer's single launch reads
+    through its head map."""
     layout = sv.VideoLayout(4, 16, 16, (1, 8, 8), text_len=20)
     specs = ["temporal", {"kind": "sliding_tile", "window": [1, 3, 3]}, "spatial"]
     g = torch.Generator().manual_seed(1)
     heads = [[specs[int(i)] for i in torch.randint(0, 3, (8,), generator=g)] for _ in range(60)]
     proc = sv.SparseAttnProcessor(sv.SparsityPlan(heads=heads, tile=(1, 8, 8)))
-    masks = {id(gr.mask) for layer in range(60) for gr in proc.head_groups(layer, layout, "cpu")}
-    assert len(masks) == 3
-    one = sum(m.kv_counts.nbytes + m.kv_indices.nbytes for m in
-              {id(gr.mask): gr.mask for layer in range(60) for gr in proc.head_groups(layer, layout, "cpu")}.values())
-    assert proc.cached_mask_bytes(layout, "cpu") == one
+    groups = [proc.head_groups(layer, layout, "cpu") for layer in range(60)]
+    mixed = [gs for gs, row in zip(groups, heads) if len({json.dumps(s, sort_keys=True) for s in row}) > 1]
+    assert mixed and all(len(gs) == 1 and gs[0].head_map is not None for gs in mixed)  # one launch per layer
+    stacks = {id(gs[0].mask) for gs in mixed}
+    assert len(stacks) == 1  # one stack for every layer
+    stack = mixed[0][0].mask
+    assert stack.heads == 4  # the 3 patterns and the full one
+    patterns = {id(gr.mask): gr.mask for gs, row in zip(groups, heads) if gs not in mixed for gr in gs}
+    assert len(patterns) <= 3
+    held = proc.cached_mask_bytes(layout, "cpu")
+    stack_bytes = stack.kv_counts.nbytes + stack.kv_indices.nbytes
+    assert stack_bytes < held <= 2 * stack_bytes  # the patterns, and the stack (rows padded to one width)
 
 
 def _reference_per_head(q, k, v, specs, layout, key_valid):
@@ -135,3 +145,64 @@ def test_head_densities_equal_the_mask_and_take_each_heads_order():
     mixed = same + [{"kind": "svg_temporal", "block": 16}]
     hwf = sv.masks.spec_layout(mixed[-1], layout)
     assert sv.masks.head_densities(mixed, layout)[-1] == sv.masks.build(mixed[-1:], hwf).head_density()[0]
+
+
+@pytest.mark.parametrize("backend,dense", [("triton", True), ("torch", False), ("torch_masked", False)])
+def test_a_layer_mixing_specs_runs_as_one_launch_over_stacked_patterns(backend, dense):
+    """Heads of three specs (and dense heads, where the tiled kernel runs them with a full pattern):
+    one group, one launch over the plan's stacked patterns through a head map, exact per head
+    against a float64 reference of each head's own token pairs, with text rows and a key mask."""
+    layout = sv.VideoLayout(2, 8, 8, tile=(1, 4, 4), text_len=6)
+    specs = [{"kind": "sliding_tile", "window": [1, 1, 1]}, "radial", "spatial",
+             "dense" if dense else {"kind": "temporal", "radius": 0}, "radial", {"kind": "sliding_tile", "window": [1, 1, 1]}]
+    proc = sv.SparseAttnProcessor(sv.SparsityPlan(heads=[specs], tile=(1, 4, 4)), backend=backend)
+    groups = proc.head_groups(0, layout, "cpu")
+    assert len(groups) == 1 and groups[0].head_map is not None
+    hm = groups[0].head_map.tolist()
+    assert hm[0] == hm[5] and hm[1] == hm[4] and len(set(hm)) == 4
+    g = torch.Generator().manual_seed(3)
+    B, N, H, D = 2, layout.seq_len, len(specs), 16
+    q, k, v = (torch.randn(B, N, H, D, generator=g) for _ in range(3))
+    key_valid = torch.ones(B, N, dtype=torch.bool)
+    key_valid[1, -3:] = False
+    launches = []
+    import sparse_vdit.kernels as kernels
+    real = kernels.block_sparse_attention_tiled_fwd
+
+    def counted(*a, **kw):
+        launches.append(1)
+        return real(*a, **kw)
+    kernels.block_sparse_attention_tiled_fwd = counted
+    try:
+        out = grouped_attention(q, k, v, groups, layout.token_order(), key_valid, backend, text_queries(layout))
+    finally:
+        kernels.block_sparse_attention_tiled_fwd = real
+    ref = _reference_per_head(q, k, v, specs, layout, key_valid)
+    assert (out.double() - ref).abs().max() < 2e-5
+    assert len(launches) == (1 if backend == "triton" else 0)
+    # the same layer split into its groups (the path before) gives the same result
+    split = sv.SparseAttnProcessor(sv.SparsityPlan(heads=[specs], tile=(1, 4, 4)), backend=backend)
+    split._one_launch = lambda made, *a: tuple(made)
+    parts = split.head_groups(0, layout, "cpu")
+    assert len(parts) == 4
+    again = grouped_attention(q, k, v, parts, layout.token_order(), key_valid, backend, text_queries(layout))
+    assert (again.double() - ref).abs().max() < 2e-5
+
+
+def test_gradients_through_a_layer_run_as_one_launch():
+    layout = sv.VideoLayout(2, 8, 8, tile=(1, 4, 4), text_len=5)
+    specs = [{"kind": "sliding_tile", "window": [1, 1, 1]}, "radial", "dense", "spatial"]
+    groups = sv.SparseAttnProcessor(sv.SparsityPlan(heads=[specs], tile=(1, 4, 4)), backend="triton").head_groups(
+        0, layout, "cpu")
+    assert len(groups) == 1
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, layout.seq_len, 4, 16, generator=g, requires_grad=True) for _ in range(3))
+    key_valid = torch.ones(1, layout.seq_len, dtype=torch.bool)
+    w = torch.randn(1, layout.seq_len, 4, 16, generator=g, dtype=torch.float64)
+    out = grouped_attention(q, k, v, groups, layout.token_order(), key_valid, "triton", text_queries(layout))
+    grads = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    ref = _reference_per_head(q64, k64, v64, specs, layout, key_valid)
+    want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
+    for a, b in zip(grads, want):
+        assert (a.double() - b).abs().max() < 1e-4

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..masks import DynamicSelection, VideoLayout, block_matrix, build, is_dynamic, spec_layout, without_temperature
-from ..ops import BlockSparseMask, default_backend, dense_attention, sparse_attention
+from ..ops import BlockSparseMask, default_backend, dense_attention, freeze, sparse_attention
 from ..ops.attention import tiled_kernel_rows
 from ..plan import SparsityPlan
 from .adapters import ModelAdapter, adapter_for, check_plan
@@ -144,6 +144,9 @@ class HeadGroup:
     token_order: torch.Tensor | None = None
     temperature: float = 1.0  # the spec's softmax temperature: logits scaled by D ** -0.5 / temperature
     select: Any = None
+    # int32 [H]: with ``mask`` a stack of the layer's patterns, the pattern row of each head (one
+    # group for a whole layer that mixes specs: the kernel reads q, k, v once and launches once)
+    head_map: torch.Tensor | None = None
 
 
 def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None, text=None,
@@ -162,7 +165,8 @@ def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None
                 dense(qq, kk, vv, key_valid=key_valid, scale=scale)
         order = token_order if g.token_order is None else g.token_order
         mask = g.mask if g.select is None else g.select(qq, kk, key_valid=key_valid, scale=scale)
-        return sparse_attention(qq, kk, vv, mask, order, key_valid=key_valid, backend=backend, scale=scale)
+        return sparse_attention(qq, kk, vv, mask, order, key_valid=key_valid, backend=backend, scale=scale,
+                                head_map=g.head_map)
 
     if len(groups) == 1 and groups[0].heads is None:
         out = run(groups[0], q, k, v)
@@ -711,18 +715,65 @@ class SparseAttnProcessor:
                                       None if own == layout else own.token_order(device),
                                       float(spec.get("temperature", 1.0)),
                                       self.selection(mask_key, layout, device) if dynamic else None))
-            cache[key] = tuple(made)
+            cache[key] = self._one_launch(made, [k for k, _ in groups], [h for _, h in groups], layout, device)
         return cache[key]
+
+    def _one_launch(self, made: list, keys: list, heads: list, layout: VideoLayout, device) -> tuple:
+        """The layer's groups as one group over a stack of their patterns and a head map, where they
+        can share a launch: every group masked (dense ones too when the tiled kernel runs: a full
+        pattern, which copies less than taking their heads apart for SDPA) on the layer's order, at
+        one temperature, none selected per call. Else the groups as they are."""
+        if len(made) < 2 or any(g.select is not None or g.token_order is not None for g in made) or \
+                len({g.temperature for g in made}) > 1:
+            return tuple(made)
+        backend = self.backend or default_backend(torch.device(device))
+        tiled = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
+        if any(g.mask is None for g in made) and not tiled:
+            return tuple(made)  # dense heads take SDPA on the other backends
+        full = json.dumps({"kind": "sliding_tile", "window": [2 * max(layout.tile_grid) + 1] * 3}, sort_keys=True)
+        stacked, rows = self._pattern_stack(layout, device, full)
+        pattern_keys = [full if g.mask is None else json.dumps(without_temperature(json.loads(k)), sort_keys=True)
+                        for g, k in zip(made, keys)]
+        H = sum(len(h) for h in heads)
+        head_map = torch.zeros(H, dtype=torch.int32)
+        for key, hs in zip(pattern_keys, heads):
+            head_map[hs] = rows[key]
+        return (HeadGroup(stacked, None, None, made[0].temperature, None, freeze(head_map.to(device))),)
+
+    def _pattern_stack(self, layout: VideoLayout, device, full: str) -> tuple[BlockSparseMask, dict]:
+        """One mask holding, as its rows, every static pattern of the plan on ``layout``'s order (and
+        the full pattern dense heads take in a shared launch), shared by every layer; with the row of
+        each pattern's key. Built once per layout."""
+        cache = self._layout_cache(layout, device)
+        if "stack" not in cache:
+            keys = {full}
+            for groups in self._head_groups:
+                for k, _ in groups:
+                    spec = json.loads(k)
+                    if spec["kind"] != "dense" and not is_dynamic(spec) and spec_layout(spec, layout) == layout:
+                        keys.add(json.dumps(without_temperature(spec), sort_keys=True))
+            keys = sorted(keys)
+            masks = [self.pattern_mask(k, layout, device) for k in keys]
+            width = max(m.kv_indices.shape[-1] for m in masks)
+            counts = torch.cat([m.kv_counts for m in masks], dim=1)
+            indices = torch.cat([torch.nn.functional.pad(m.kv_indices, (0, width - m.kv_indices.shape[-1]))
+                                 for m in masks], dim=1)
+            stacked = BlockSparseMask(counts, indices, masks[0].q_block, masks[0].kv_block, masks[0].num_kv_blocks,
+                                      masks[0].token_order_digest)
+            self._prepare(stacked, device)
+            cache["stack"] = (stacked, {k: i for i, k in enumerate(keys)})
+        return cache["stack"]
 
     def cached_mask_bytes(self, layout: VideoLayout, device, tile_rows: int | None = None) -> int:
         """Bytes of the distinct masks held for ``layout`` (each shared mask once); with ``tile_rows``,
         also the query-tile lists the tiled Triton kernel derives from them."""
         seen, total = set(), 0
-        for value in self._layout_cache(layout, device).values():
+        for key, value in self._layout_cache(layout, device).items():
             if isinstance(value, DynamicSelection):  # its static part; the masks it makes live for one call
                 total += value.static.nbytes
                 continue
-            masks = [value] if isinstance(value, BlockSparseMask) else [g.mask for g in value if g.mask is not None]
+            masks = [value] if isinstance(value, BlockSparseMask) else [value[0]] if key == "stack" else \
+                [g.mask for g in value if g.mask is not None]
             for m in masks:
                 if id(m) in seen:
                     continue

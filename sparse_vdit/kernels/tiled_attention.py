@@ -35,28 +35,31 @@ from .common import LOG2E_PY, arch_pruner, autotune_configs, head_dim_block, onl
 @triton.jit
 def block_sparse_attention_tiled_fwd_kernel(
     q, k, v, o, lse,
-    tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad,
+    tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad, head_map,
     sm_scale_log2,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_ik,
     stride_vb, stride_pb,
     H, L, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr,
-    DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, HAS_MAP: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
+    i_p = i_h  # the mask row of this head: its own, or with a head map its pattern's
+    if HAS_MAP:
+        i_p = tl.load(head_map + i_h)
     FULL: tl.constexpr = (1 << (BLOCK_M // Q_BLOCK)) - 1
     o_row = i_bh * L  # q, k, v, o are [B * H * L, D] row blocks in tiled order
     b_q = q.load([o_row + i_m * BLOCK_M, 0])  # [BM, BD]; columns past D read as zeros
     i_sub = tl.arange(0, BLOCK_M) // Q_BLOCK  # [BM] mask query sub-block of each row
     o_n = tl.arange(0, BLOCK_N)
 
-    p_cnt = tile_counts + i_b * stride_cb + i_h * stride_ch + i_m * stride_cm
-    p_idx = tile_indices + i_b * stride_ib + i_h * stride_ih + i_m * stride_im
-    p_flg = tile_flags + i_b * stride_ib + i_h * stride_ih + i_m * stride_im
+    p_cnt = tile_counts + i_b * stride_cb + i_p * stride_ch + i_m * stride_cm
+    p_idx = tile_indices + i_b * stride_ib + i_p * stride_ih + i_m * stride_im
+    p_flg = tile_flags + i_b * stride_ib + i_p * stride_ih + i_m * stride_im
     n_blocks = tl.load(p_cnt)
     p_valid = kv_valid + i_b * stride_vb  # a key order per batch element (stride 0: one for all)
     p_pad = kv_block_pad + i_b * stride_pb
@@ -101,6 +104,7 @@ def block_sparse_attention_tiled_fwd(
     tile_rows: int,
     q_block: int,
     kv_block: int,
+    head_map: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the tiled forward. Inputs are prepared and validated by ``sparse_vdit.ops``.
 
@@ -109,7 +113,8 @@ def block_sparse_attention_tiled_fwd(
     (key blocks of each ``tile_rows``-row query tile, and the bit field of its ``q_block`` sub-blocks
     that visit each); kv_valid: int8 [L] or [B, L] (0 = not a key; per batch element when 2-D);
     kv_block_pad: int8 [L // kv_block] or [B, L // kv_block], set where a key block holds any
-    position that is not a key.
+    position that is not a key. head_map: optional int32 [H], the mask row (pattern) each head reads:
+    a layer whose heads mix patterns runs in one launch over the patterns' shared lists.
     Returns ot [B, H, L, D] in qt's dtype and lse fp32 [B, H, L], in tiled order.
     """
     B, H, L, D = qt.shape
@@ -130,12 +135,13 @@ def block_sparse_attention_tiled_fwd(
     block_sparse_attention_tiled_fwd_kernel[grid](
         desc(qt, tile_rows), desc(kt, kv_block), desc(vt, kv_block), desc(ot, tile_rows), lse,
         tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad,
+        head_map if head_map is not None else tile_counts,  # (not read without a map)
         scale * LOG2E_PY,
         cb, ch, tile_counts.stride(2),
         ib, ih, tile_indices.stride(2), tile_indices.stride(3),
         batch_stride(kv_valid), batch_stride(kv_block_pad),
         H, L, D,
         BLOCK_M=tile_rows, BLOCK_N=kv_block, BLOCK_D=block_d, Q_BLOCK=q_block, DTYPE=str(qt.dtype).split(".")[-1],
-        enable_fp_fusion=True,  # the exp2 softmax relies on FMA contraction; Triton 3.10 flips the default
+        HAS_MAP=head_map is not None, enable_fp_fusion=True,  # the exp2 softmax relies on FMA contraction; Triton 3.10 flips the default
     )
     return ot, lse

@@ -55,12 +55,14 @@ def block_sparse_attention_op(
     tile_indices: torch.Tensor | None = None,
     tile_flags: torch.Tensor | None = None,
     tile_rows: int = 0,
+    head_map: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward as one opaque op for torch.compile: (o [B, H, N, D], lse fp32 [B, H, N]).
-    The tiled backend also takes the mask's query-tile lists (``BlockSparseMask.query_tiles``)."""
+    The tiled backend also takes the mask's query-tile lists (``BlockSparseMask.query_tiles``), and
+    optionally ``head_map`` (int32 [H]: the mask row each head reads; the tiled backend only)."""
     if backend == "triton":
         o, lse = _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale,
-                               tile_rows, q_block, kv_block)
+                               tile_rows, q_block, kv_block, head_map)
     elif backend == "triton_gather":
         from ..kernels import block_sparse_attention_fwd
 
@@ -76,7 +78,7 @@ def block_sparse_attention_op(
 
 
 def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale, tile_rows,
-                  q_block, kv_block):
+                  q_block, kv_block, head_map=None):
     """Gather q, k, v into contiguous tiled order (one index_select each), run the tiled kernel over
     ``tile_rows``-row query tiles, and bring o and the LSE back to model order."""
     from ..kernels import block_sparse_attention_tiled_fwd
@@ -93,7 +95,7 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
     qt = q.index_select(2, t.gather)
     kt, vt = _gather_keys(k, kv_gather), _gather_keys(v, kv_gather)
     ot, lset = block_sparse_attention_tiled_fwd(qt, kt, vt, tile_counts, tile_indices, tile_flags, kv_valid,
-                                                kv_block_pad, scale, tile_rows, q_block, kv_block)
+                                                kv_block_pad, scale, tile_rows, q_block, kv_block, head_map)
     o = ot.index_select(2, t.pos)
     lse = lset.index_select(2, t.pos)
     if t.missing is not None:  # tokens the order leaves out: zeros and LSE -inf (in place, on fresh tensors)
@@ -237,7 +239,7 @@ def _backward_lists(kv_counts, kv_indices, rows, cols):
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend,
-      tile_counts=None, tile_indices=None, tile_flags=None, tile_rows=0):
+      tile_counts=None, tile_indices=None, tile_flags=None, tile_rows=0, head_map=None):
     B, H, N, D = q.shape
     return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
 
@@ -286,20 +288,23 @@ def _setup_context(ctx, inputs, output):
     q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend = \
         inputs[:12]
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order)
+    head_map = inputs[16] if len(inputs) > 16 else None
+    ctx.save_for_backward(q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, head_map)
     # The Triton backward follows a Triton forward (tiled or gather: the same function).
     ctx.meta = (scale, q_block, kv_block, num_q_blocks, "triton" if backend in TRITON_BACKENDS else "torch")
 
 
 def _backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order = ctx.saved_tensors
+    q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, head_map = ctx.saved_tensors
+    if head_map is not None:  # the heads' own rows of the patterns' lists (small tensors)
+        kv_counts, kv_indices = kv_counts.index_select(1, head_map), kv_indices.index_select(1, head_map)
     if grad_o is None:
         grad_o = torch.zeros_like(q)
     if grad_lse is None:
         grad_lse = q.new_zeros(q.shape[:3], dtype=torch.float32)
     dq, dk, dv = block_sparse_attention_bwd_op(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order,
                                                kv_token_order, *ctx.meta)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -469,7 +474,7 @@ def _check_order(name, order, q, mask, N, per_batch: bool = False):
             raise ValueError(f"{name} values must lie in [-1, {N - 1}] (N={N}), got range [{lo}, {hi}]")
 
 
-def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
+def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_mapped: bool = False):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -508,7 +513,7 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
 
     if mask.batch not in (1, B):
         raise ValueError(f"mask batch dimension must be 1 (broadcast) or {B} (the batch size), got {mask.batch}")
-    if mask.heads not in (1, H):
+    if mask.heads not in (1, H) and not heads_mapped:
         raise ValueError(f"mask head dimension must be 1 (broadcast) or {H} (the number of heads), got {mask.heads}"
                          + swapped())
     if backend not in BACKENDS:
@@ -554,6 +559,37 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend):
 
 
 # ---------------------------------------------------------------------------- public API
+def _check_head_map(head_map, q, mask) -> None:
+    H = q.shape[1]
+    if not isinstance(head_map, torch.Tensor) or head_map.dtype != torch.int32 or head_map.shape != (H,):
+        raise ValueError(f"head_map must be an int32 tensor [H] = [{H}] (the mask row of each head), got "
+                         f"{type(head_map).__name__ if not isinstance(head_map, torch.Tensor) else (head_map.dtype, tuple(head_map.shape))}")
+    if head_map.device != q.device:
+        raise ValueError(f"head_map is on {head_map.device} but q is on {q.device}")
+    if not torch.compiler.is_compiling():
+        lo, hi, _ = order_facts(head_map)
+        if lo < 0 or hi >= mask.heads:
+            raise ValueError(f"head_map values must lie in [0, {mask.heads - 1}] (the mask's {mask.heads} rows), "
+                             f"got range [{lo}, {hi}]")
+
+
+_EXPANDED = WeakIdKeyDictionary()  # head map -> (mask, the mask expanded to the heads)
+
+
+def _expand_heads(mask: BlockSparseMask, head_map: torch.Tensor) -> BlockSparseMask:
+    """``mask``'s rows taken per head by ``head_map`` (cached per frozen map and mask)."""
+    cacheable = frozen(head_map) and frozen(mask.kv_counts, mask.kv_indices)
+    hit = _EXPANDED.get(head_map) if cacheable else None
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    idx = head_map.long()
+    out = BlockSparseMask(mask.kv_counts.index_select(1, idx), mask.kv_indices.index_select(1, idx), mask.q_block,
+                          mask.kv_block, mask.num_kv_blocks, mask.token_order_digest, mask.selected)
+    if cacheable:
+        _EXPANDED[head_map] = (mask, out)
+    return out
+
+
 def _each_batch_element(q, k, v, mask, scale, return_lse, token_order, kv_token_order, backend):
     """``block_sparse_attention`` per batch element with its row of the key-order table (and of a
     per-batch mask), concatenated."""
@@ -579,6 +615,7 @@ def block_sparse_attention(
     kv_token_order: torch.Tensor | None = None,
     backend: str | None = None,
     check: bool = True,
+    head_map: torch.Tensor | None = None,
 ):
     """Exact softmax attention over the key blocks ``mask`` lists for each query block.
 
@@ -601,14 +638,25 @@ def block_sparse_attention(
             ``"torch_masked"`` (dense attention under the token-level mask: exact, fast for short sequences
             on the CPU) or ``"flex"``.
         check: validate inputs (cheap except for a ``token_order`` range check that syncs).
+        head_map: optional int32 ``[H]``: head ``h`` follows mask row ``head_map[h]`` (a mask of P
+            patterns shared by a layer whose heads mix them): the tiled kernel reads q, k and v once
+            and launches once; the other backends take the mask expanded to the heads.
 
     Returns:
         ``o`` ``[B, H, N, D]`` in q's dtype, and ``lse`` if ``return_lse``. A query with no visible key
         gets zeros and LSE = -inf.
     """
     backend = backend or default_backend(q.device)
+    if head_map is not None:
+        if check:
+            _check_head_map(head_map, q, mask)
+        if backend == "auto" and q.device.type == "cuda" and \
+                unsupported("triton", q.dtype, q.shape[-1], mask.q_block, mask.kv_block, "cuda") is None:
+            backend = "triton"
+        if backend != "triton":
+            mask, head_map = _expand_heads(mask, head_map), None
     if check:
-        _check_inputs(q, k, v, mask, token_order, kv_token_order, backend)
+        _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_mapped=head_map is not None)
     D = q.shape[-1]
     scale = float(D ** -0.5) if scale is None else float(scale)
     if kv_token_order is not None and kv_token_order.dim() == 2:
@@ -619,6 +667,13 @@ def block_sparse_attention(
             backend = "triton"
         if backend != "triton":
             return _each_batch_element(q, k, v, mask, scale, return_lse, token_order, kv_token_order, backend)
+    if head_map is not None:  # the tiled kernel, one launch over the patterns' lists
+        tile_rows = tiled_kernel_rows(mask.q_block)
+        o, lse = block_sparse_attention_op(
+            q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,
+            mask.q_block, mask.kv_block, mask.num_q_blocks, backend, *mask.query_tiles(tile_rows), tile_rows, head_map,
+        )
+        return (o, lse) if return_lse else o
     if backend == "auto":
         backend = _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse)
     if backend == "sdpa":  # auto chose dense attention for a mask that visits every block

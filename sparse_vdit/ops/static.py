@@ -122,14 +122,14 @@ def _signature(name: str, fn, dtype: str, head_dim: int, block: int, tile_rows: 
         elif n in ("kv_valid", "kv_block_pad"):
             sig[n], attrs[(i,)] = "*i8", divisible
         elif n in ("kv_counts", "kv_indices", "token_order", "kv_token_order", "tile_counts", "tile_indices",
-                   "tile_flags", "q_counts", "q_indices"):
+                   "tile_flags", "q_counts", "q_indices", "head_map"):
             sig[n], attrs[(i,)] = "*i32", divisible
         elif n in ("sm_scale_log2", "sm_scale"):
             sig[n] = "fp32"
-        elif n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_ORDER", "Q_BLOCK", "ROWS", "DTYPE"):
+        elif n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_ORDER", "Q_BLOCK", "ROWS", "DTYPE", "HAS_MAP"):
             sig[n] = "constexpr"
             consts[(i,)] = {"BLOCK_M": tile_rows, "BLOCK_N": block, "BLOCK_D": block_d, "Q_BLOCK": block,
-                            "HAS_ORDER": name in ("gather_ordered", "mass"), "ROWS": rows,
+                            "HAS_ORDER": name in ("gather_ordered", "mass"), "ROWS": rows, "HAS_MAP": False,
                             "DTYPE": {"bf16": "bfloat16", "fp16": "float16"}[dtype]}[n]
         else:
             value = ints[n]
