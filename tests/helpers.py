@@ -1,4 +1,6 @@
 """Shared helpers for tests: random inputs, error measures and tolerances."""
+import contextlib
+
 import torch
 
 from sparse_vdit.ops import reference_attention
@@ -46,3 +48,39 @@ class SyncCounter(DispatchCounter):
     """Counts host syncs (``_local_scalar_dense``, ``nonzero``, ``item``, boolean indexing, ...) while
     active, inside sparse_vdit's custom ops too, leaving out what the Triton interpreter does to run
     a kernel (on a GPU that is a launch, not host work): ``sparse_vdit.testing.counting``."""
+
+
+def compiled_like_eager(model, call):
+    """``call(torch.compile(model, fullgraph=True))`` twice: no recompile on the second call, and both
+    bit-equal to eager. Returns (eager, compiled) outputs."""
+    from torch._dynamo.testing import CompileCounter
+
+    with torch.no_grad():
+        eager = call(model)
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        first = call(compiled)
+        frames = counter.frame_count
+        second = call(compiled)
+    assert counter.frame_count == frames, "a repeated call recompiled"
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    torch.testing.assert_close(second, eager, rtol=0, atol=0)
+    return eager, first
+
+
+@contextlib.contextmanager
+def tiled_launches():
+    """A list that gets one entry per launch of the tiled Triton forward while active."""
+    import sparse_vdit.kernels as kernels
+
+    real, launches = kernels.block_sparse_attention_tiled_fwd, []
+
+    def counted(*a, **kw):
+        launches.append(1)
+        return real(*a, **kw)
+    kernels.block_sparse_attention_tiled_fwd = counted
+    try:
+        yield launches
+    finally:
+        kernels.block_sparse_attention_tiled_fwd = real

@@ -9,6 +9,8 @@ from sparse_vdit.calibration import decide, option_names
 from sparse_vdit.masks import normalize_spec
 from sparse_vdit.testing import plant_local_attention, tiny_wan_transformer
 
+from .test_calibration import _wan_run
+
 STATIC = normalize_spec({"kind": "sliding_tile", "window": [1, 3, 3]})
 DYNAMIC = normalize_spec({"kind": "dynamic", "keep": 2})
 
@@ -48,16 +50,7 @@ def test_decide_counts_the_selection_and_keeps_a_temperature_only_where_it_lower
 
 
 def _run(steps=3):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 4, 16, 16, generator=g)
-    e = torch.randn(1, 10, 64, generator=g)
-
-    def run(model, i):
-        with torch.no_grad():
-            for t in torch.linspace(999, 100, steps):
-                out = model(x + 0.1 * i, torch.tensor([float(t)]), e).sample
-        return out
-    return run
+    return _wan_run(grid=(4, 8, 8), steps=steps)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from torch._dynamo.testing import CompileCounter
 import sparse_vdit as sv
 from sparse_vdit.testing import FAMILIES, make, tiny_wan_pipeline
 
+from .helpers import compiled_like_eager
+
 SPARSE = {"kind": "sliding_tile", "window": [1, 1, 1]}
 
 
@@ -30,17 +32,7 @@ def test_fullgraph_compile_of_the_whole_model_matches_eager(family, which):
         stock = call(model)
     proc = sv.apply(model, _plan(model, which))
     try:
-        with torch.no_grad():
-            eager = call(model)
-        counter = CompileCounter()
-        compiled = torch.compile(model, fullgraph=True, backend=counter)
-        with torch.no_grad():
-            first = call(compiled)
-            frames = counter.frame_count
-            second = call(compiled)
-        assert counter.frame_count == frames, "a repeated call recompiled"
-        torch.testing.assert_close(first, eager, rtol=0, atol=0)
-        torch.testing.assert_close(second, eager, rtol=0, atol=0)
+        eager, first = compiled_like_eager(model, call)
         if which == "dense":
             torch.testing.assert_close(first, stock, rtol=1e-5, atol=1e-5)
         else:

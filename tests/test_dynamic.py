@@ -11,7 +11,8 @@ from sparse_vdit.masks import DynamicSelection, normalize_spec
 from sparse_vdit.ops import reference_attention, select_blocks, selection_flops
 from sparse_vdit.testing import FAMILIES, make
 from sparse_vdit.testing.counting import DispatchCounter, attention_kernel_stubs
-from torch._dynamo.testing import CompileCounter
+
+from .helpers import compiled_like_eager
 
 TILE = (1, 4, 4)
 
@@ -184,17 +185,7 @@ def test_a_dynamic_plan_compiles_fullgraph_and_matches_eager():
     model, call = make("wan")
     sv.apply(model, sv.uniform_plan(model, {"kind": "dynamic", "keep": 1, "mass": 0.8}, tile=(1, 4, 4)))
     try:
-        with torch.no_grad():
-            eager = call(model)
-        counter = CompileCounter()
-        compiled = torch.compile(model, fullgraph=True, backend=counter)
-        with torch.no_grad():
-            first = call(compiled)
-            frames = counter.frame_count
-            second = call(compiled)
-        assert counter.frame_count == frames
-        torch.testing.assert_close(first, eager, rtol=0, atol=0)
-        torch.testing.assert_close(second, eager, rtol=0, atol=0)
+        compiled_like_eager(model, call)
     finally:
         sv.remove(model)
         torch._dynamo.reset()

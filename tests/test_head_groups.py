@@ -1,12 +1,15 @@
-import json
 """Head groups: layers share one mask per spec, text queries run dense beside the kernel, and the
 result (values and gradients) equals one call with the layer's full per-head mask."""
+import json
+
 import pytest
 import torch
 
 import sparse_vdit as sv
 from sparse_vdit.integration import grouped_attention, text_queries
 from sparse_vdit.ops import sparse_attention
+
+from .helpers import tiled_launches
 
 # Every backend test runs with torch.empty poisoned (NaN): a row a backend fails to write shows.
 pytestmark = pytest.mark.usefixtures("nan_empty")
@@ -165,18 +168,8 @@ def test_a_layer_mixing_specs_runs_as_one_launch_over_stacked_patterns(backend, 
     q, k, v = (torch.randn(B, N, H, D, generator=g) for _ in range(3))
     key_valid = torch.ones(B, N, dtype=torch.bool)
     key_valid[1, -3:] = False
-    launches = []
-    import sparse_vdit.kernels as kernels
-    real = kernels.block_sparse_attention_tiled_fwd
-
-    def counted(*a, **kw):
-        launches.append(1)
-        return real(*a, **kw)
-    kernels.block_sparse_attention_tiled_fwd = counted
-    try:
+    with tiled_launches() as launches:
         out = grouped_attention(q, k, v, groups, layout.token_order(), key_valid, backend, text_queries(layout))
-    finally:
-        kernels.block_sparse_attention_tiled_fwd = real
     ref = _reference_per_head(q, k, v, specs, layout, key_valid)
     assert (out.double() - ref).abs().max() < 2e-5
     assert len(launches) == (1 if backend == "triton" else 0)

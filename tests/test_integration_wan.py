@@ -293,11 +293,13 @@ def test_mixed_layer_dense_heads_go_to_dense_attention(model):
         proc = sv.apply(model, sv.SparsityPlan(heads=[heads] * 3, tile=(1, 4, 4), model=sv.dense_plan(model).model))
         outs.append(_run(model, x, e))
         slot, other = (next(s for s in proc.binding().slots if s.layer == i) for i in (0, 1))
-        groups = [(g.mask is None, g.heads.tolist()) for g in slot.groups]
-        shared = [g.mask for g in other.groups]
         sv.remove(model)
-        if heads is mixed:  # one group per spec; the dense one without a mask
+        if heads is mixed:  # one group per spec; the dense one without a mask (SDPA off the tiled kernel)
+            groups = [(g.mask is None, g.heads.tolist()) for g in slot.groups]
             assert sorted(groups) == [(False, [1]), (False, [3]), (True, [0, 2])]
             # layers with the same specs share the masks: one per spec, not per layer
-            assert [g.mask for g in slot.groups] == shared
+            assert [g.mask for g in slot.groups] == [g.mask for g in other.groups]
+        else:  # every head masked: one group over the stacked patterns, shared by the layers
+            assert len(slot.groups) == 1 and slot.groups[0].head_map is not None
+            assert slot.groups[0].mask is other.groups[0].mask
     assert _rel(outs[0], outs[1]) <= 1e-5

@@ -7,7 +7,7 @@ import sparse_vdit as sv
 from sparse_vdit.ops import BlockSparseMask, block_sparse_attention
 
 from .conftest import DEVICE, requires_cuda
-from .helpers import check_against_reference, rand_qkv, random_blocks
+from .helpers import check_against_reference, rand_qkv, random_blocks, tiled_launches
 
 # Every backend test runs with torch.empty poisoned (NaN): a row a backend fails to write shows.
 pytestmark = pytest.mark.usefixtures("nan_empty")
@@ -206,21 +206,9 @@ def test_a_table_of_key_orders_one_per_batch_element_matches_reference(nan_empty
     table = sv.ops.key_order(order, key_valid)
     assert table.shape == (B, order.numel())
     mask = sv.masks.build(["radial", {"kind": "sliding_tile", "window": [1, 1, 1]}], layout)
-    launches = []
-    if backend == "triton":
-        import sparse_vdit.kernels as kernels
-        real = kernels.block_sparse_attention_tiled_fwd
-
-        def counted(*a, **kw):
-            launches.append(1)
-            return real(*a, **kw)
-        kernels.block_sparse_attention_tiled_fwd = counted
-    try:
+    with tiled_launches() as launches:
         o, lse = block_sparse_attention(q, k, v, mask, return_lse=True, backend=backend, token_order=order,
                                         kv_token_order=table)
-    finally:
-        if backend == "triton":
-            kernels.block_sparse_attention_tiled_fwd = real
     check_against_reference(o, lse, q, k, v, mask, token_order=order, kv_token_order=table)
     if backend == "triton":
         assert len(launches) == 1
