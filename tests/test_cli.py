@@ -109,7 +109,7 @@ def test_calibrate_cli_with_the_dynamic_family_and_temperatures(tmp_path, capsys
     assert any(o.endswith("/T1.25") for o in records[0]["options"])
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "plan.json"), "--grid", "8,16,16"]) == 0
-    if any(s["kind"] == "dynamic" for row in plan.heads for s in row):
-        assert "dynamic heads: their key blocks are selected per call" in capsys.readouterr().out
+    assert any(s["kind"] == "dynamic" for row in plan.heads for s in row)  # at this loose budget it is chosen
+    assert "dynamic heads: their key blocks are selected per call" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["calibrate", "--tiny", "--temperatures", "hot", "--out", str(tmp_path / "x.json")])

@@ -47,9 +47,8 @@ def test_grouped_attention_equals_the_full_mask(backend, dtype, tol, position):
 
 
 def test_plan_masks_cost_per_distinct_spec_not_per_layer():
-    """60 layers x 8 heads drawn from 3 specs: the processor holds the 3 patterns (and the full one
-    dense heads may share a launch with) and one stack of them that every layer's single launch reads
-    through its head map."""
+    """60 layers x 8 heads drawn from 3 specs: the processor holds the 3 patterns and one stack of them
+    that every layer's single launch reads through its head map."""
     layout = sv.VideoLayout(4, 16, 16, (1, 8, 8), text_len=20)
     specs = ["temporal", {"kind": "sliding_tile", "window": [1, 3, 3]}, "spatial"]
     g = torch.Generator().manual_seed(1)
@@ -61,7 +60,7 @@ def test_plan_masks_cost_per_distinct_spec_not_per_layer():
     stacks = {id(gs[0].mask) for gs in mixed}
     assert len(stacks) == 1  # one stack for every layer
     stack = mixed[0][0].mask
-    assert stack.heads == 4  # the 3 patterns and the full one
+    assert stack.heads == 3  # the 3 patterns (no dense heads: no full pattern, rows as wide as the widest)
     patterns = {id(gr.mask): gr.mask for gs, row in zip(groups, heads) if gs not in mixed for gr in gs}
     assert len(patterns) <= 3
     held = proc.cached_mask_bytes(layout, "cpu")

@@ -731,7 +731,7 @@ class SparseAttnProcessor:
         if any(g.mask is None for g in made) and not tiled:
             return tuple(made)  # dense heads take SDPA on the other backends
         full = json.dumps({"kind": "sliding_tile", "window": [2 * max(layout.tile_grid) + 1] * 3}, sort_keys=True)
-        stacked, rows = self._pattern_stack(layout, device, full)
+        stacked, rows = self._pattern_stack(layout, device, full if tiled else None)
         pattern_keys = [full if g.mask is None else json.dumps(without_temperature(json.loads(k)), sort_keys=True)
                         for g, k in zip(made, keys)]
         H = sum(len(h) for h in heads)
@@ -740,14 +740,18 @@ class SparseAttnProcessor:
             head_map[hs] = rows[key]
         return (HeadGroup(stacked, None, None, made[0].temperature, None, freeze(head_map.to(device))),)
 
-    def _pattern_stack(self, layout: VideoLayout, device, full: str) -> tuple[BlockSparseMask, dict]:
-        """One mask holding, as its rows, every static pattern of the plan on ``layout``'s order (and
-        the full pattern dense heads take in a shared launch), shared by every layer; with the row of
-        each pattern's key. Built once per layout."""
+    def _pattern_stack(self, layout: VideoLayout, device, full: str | None) -> tuple[BlockSparseMask, dict]:
+        """One mask holding, as its rows, every static pattern of the plan on ``layout``'s order, shared
+        by every layer, with the row of each pattern's key; and ``full``, the pattern dense heads take
+        in a shared launch, where some layer mixes dense and masked heads (its row is as wide as the
+        grid, so every row is padded to that). Built once per layout."""
         cache = self._layout_cache(layout, device)
         if "stack" not in cache:
-            keys = {full}
+            keys = set()
             for groups in self._head_groups:
+                kinds = [json.loads(k)["kind"] for k, _ in groups]
+                if full is not None and "dense" in kinds and len(kinds) > 1:
+                    keys.add(full)
                 for k, _ in groups:
                     spec = json.loads(k)
                     if spec["kind"] != "dense" and not is_dynamic(spec) and spec_layout(spec, layout) == layout:

@@ -8,7 +8,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import BlockSparseMask
-from .order import frozen, order_facts, table_rows, tiled_position
+from .order import freeze, frozen, order_facts, table_rows, tiled_position
 from .torch_backend import (torch_block_sparse_attention, torch_block_sparse_attention_bwd, torch_masked_attention,
                             torch_masked_sdpa)
 
@@ -296,8 +296,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, head_map = ctx.saved_tensors
-    if head_map is not None:  # the heads' own rows of the patterns' lists (small tensors)
-        kv_counts, kv_indices = kv_counts.index_select(1, head_map), kv_indices.index_select(1, head_map)
+    if head_map is not None:  # the heads' own rows of the patterns' lists (the forward's expansion, cached)
+        kv_counts, kv_indices = _head_rows(kv_counts, kv_indices, head_map)
     if grad_o is None:
         grad_o = torch.zeros_like(q)
     if grad_lse is None:
@@ -573,21 +573,29 @@ def _check_head_map(head_map, q, mask) -> None:
                              f"got range [{lo}, {hi}]")
 
 
-_EXPANDED = WeakIdKeyDictionary()  # head map -> (mask, the mask expanded to the heads)
+_EXPANDED = WeakIdKeyDictionary()  # head map -> (the patterns' index lists, the heads' lists)
+
+
+def _head_rows(kv_counts: torch.Tensor, kv_indices: torch.Tensor, head_map: torch.Tensor):
+    """(counts, indices) of each head's row of the patterns' block lists, frozen and cached per frozen
+    map and lists: the forward on the other backends and the backward find one expansion (and the
+    tables cached for it)."""
+    cacheable = frozen(head_map) and frozen(kv_counts, kv_indices)
+    hit = _EXPANDED.get(head_map) if cacheable else None
+    if hit is not None and hit[0] is kv_indices:
+        return hit[1]
+    idx = head_map.long()
+    rows = (freeze(kv_counts.index_select(1, idx).contiguous()), freeze(kv_indices.index_select(1, idx).contiguous()))
+    if cacheable:
+        _EXPANDED[head_map] = (kv_indices, rows)
+    return rows
 
 
 def _expand_heads(mask: BlockSparseMask, head_map: torch.Tensor) -> BlockSparseMask:
-    """``mask``'s rows taken per head by ``head_map`` (cached per frozen map and mask)."""
-    cacheable = frozen(head_map) and frozen(mask.kv_counts, mask.kv_indices)
-    hit = _EXPANDED.get(head_map) if cacheable else None
-    if hit is not None and hit[0] is mask:
-        return hit[1]
-    idx = head_map.long()
-    out = BlockSparseMask(mask.kv_counts.index_select(1, idx), mask.kv_indices.index_select(1, idx), mask.q_block,
-                          mask.kv_block, mask.num_kv_blocks, mask.token_order_digest, mask.selected)
-    if cacheable:
-        _EXPANDED[head_map] = (mask, out)
-    return out
+    """``mask``'s rows taken per head by ``head_map``."""
+    counts, indices = _head_rows(mask.kv_counts, mask.kv_indices, head_map)
+    return BlockSparseMask(counts, indices, mask.q_block, mask.kv_block, mask.num_kv_blocks, mask.token_order_digest,
+                           mask.selected)
 
 
 def _each_batch_element(q, k, v, mask, scale, return_lse, token_order, kv_token_order, backend):
