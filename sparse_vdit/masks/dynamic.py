@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import BlockSparseMask, select_blocks, selection_flops
-from .families import Spec, block_matrix, dynamic_max_density, is_dynamic, spec_layout, without_temperature  # noqa: F401
+from .families import Spec, block_matrix, is_dynamic, spec_layout, without_temperature
 from .layout import VideoLayout
 
 

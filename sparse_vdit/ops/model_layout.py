@@ -50,11 +50,11 @@ def key_order_table(token_order: torch.Tensor, key_valid: torch.Tensor) -> torch
     return _entry(token_order, key_valid)[2]
 
 
-def _entry(token_order, key_valid) -> list:
+def _entry(token_order, key_valid) -> tuple:
     entry = _KEY_ORDERS.get(key_valid)
     if entry is None or entry[0] is not token_order or entry[1] != (key_valid._version, token_order._version):
         # The entry holds the order it was derived for, so that identity cannot pass to a new tensor.
-        entry = [token_order, (key_valid._version, token_order._version), freeze(key_order(token_order, key_valid))]
+        entry = (token_order, (key_valid._version, token_order._version), freeze(key_order(token_order, key_valid)))
         _KEY_ORDERS[key_valid] = entry
     return entry
 
