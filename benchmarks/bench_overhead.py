@@ -87,7 +87,9 @@ def seam_row(name: str, specs: list[dict], dtype: torch.dtype) -> dict:
            "key_mask": key_mask, "specs": len(specs), "groups": len(groups), "dtype": str(dtype).split(".")[-1],
            **{k_: s[k_] for k_ in ("host_ops", "syncs", "launches")},
            "allocated_gb": round(s["allocated_bytes"] / 1e9, 3), "written_gb": round(s["written_bytes"] / 1e9, 3),
-           "bytes_over_qkv": round((s["allocated_bytes"] + s["written_bytes"]) / qkv, 3),
+           "kernel_output_gb": round(s["kernel_output_bytes"] / 1e9, 3),
+           # every tensor the call produces, the kernels' outputs included (the output is one of them)
+           "bytes_over_qkv": round((s["allocated_bytes"] + s["written_bytes"] + s["kernel_output_bytes"]) / qkv, 3),
            "host_s": round(seconds, 2), "ops": s["ops"]}
     print({k_: v_ for k_, v_ in row.items() if k_ != "ops"}, flush=True)
     return row

@@ -1,9 +1,12 @@
 """Triton block-sparse attention forward on contiguous tiles (the Hopper form).
 
-q, k and v arrive already permuted into tiled order ([B, H, L, D], contiguous, L a multiple of the
-mask's blocks): the launcher's caller gathers them once per call. Every K/V tile is then a
-contiguous [BLOCK_N, D] slab read through a tensor descriptor (TMA on Hopper; no per-element
-address math, no gather registers), and the query tile has ``BLOCK_M`` rows independent of the mask's query block: a
+k and v arrive already permuted into tiled order ([B, H, L, D], contiguous, L a multiple of the
+mask's blocks): the launcher's caller gathers them once per call, since every program reads many
+of their tiles. Every K/V tile is then a contiguous [BLOCK_N, D] slab read through a tensor
+descriptor (TMA on Hopper; no per-element address math, no gather registers). q and the output stay
+in model order: each program reads its query rows once, and stores O and the LSE once, through the
+padded query order (pointer loads and stores; sm_90 has no TMA scatter), so neither q nor o is
+ever copied into or out of tiled order. The query tile has ``BLOCK_M`` rows independent of the mask's query block: a
 128-row tile spans ``BLOCK_M // q_block`` mask query blocks, walks the union of their key blocks,
 and a per-entry bit field says which of its sub-blocks visit each key block (rows of the others
 are masked to -inf on that block only, so the result is exact).
@@ -23,7 +26,8 @@ except ImportError as e:  # Triton < 3.4 (torch < 2.8)
     raise ImportError(f"sparse_vdit's Triton kernels need Triton >= 3.4 (tensor descriptors; torch >= 2.8 ships it), "
                       f"found triton {triton.__version__}: upgrade torch/triton, or use backend='torch'") from e
 
-from .common import LOG2E_PY, arch_pruner, autotune_configs, head_dim_block, online_softmax_finish, online_softmax_step
+from .common import (LOG2E_PY, arch_pruner, autotune_configs, head_dim_block, load_query_block,
+                     online_softmax_finish, online_softmax_step)
 
 
 # Its opening (program ids, list pointers, the softmax state) mirrors the gather kernel's: the two are
@@ -34,13 +38,16 @@ from .common import LOG2E_PY, arch_pruner, autotune_configs, head_dim_block, onl
                  prune_configs_by={"early_config_prune": arch_pruner("tiled")}, cache_results=True)
 @triton.jit
 def block_sparse_attention_tiled_fwd_kernel(
-    q, k, v, o, lse,
+    q, k, v, o, lse, q_order,
     tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad, head_map,
     sm_scale_log2,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_ik,
     stride_vb, stride_pb,
-    H, L, HEAD_DIM,
+    H, N, L, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr,
     DTYPE: tl.constexpr, HAS_MAP: tl.constexpr,
 ):
@@ -52,8 +59,11 @@ def block_sparse_attention_tiled_fwd_kernel(
     if HAS_MAP:
         i_p = tl.load(head_map + i_h)
     FULL: tl.constexpr = (1 << (BLOCK_M // Q_BLOCK)) - 1
-    o_row = i_bh * L  # q, k, v, o are [B * H * L, D] row blocks in tiled order
-    b_q = q.load([o_row + i_m * BLOCK_M, 0])  # [BM, BD]; columns past D read as zeros
+    o_row = i_bh * L  # k and v are [B * H * L, D] row blocks in tiled order
+    # q in model order through the padded query order: padding rows read zeros and are never stored.
+    i_b64, i_h64 = i_b.to(tl.int64), i_h.to(tl.int64)
+    b_q, i_q, m_q, o_d, m_d = load_query_block(q, q_order, i_b64, i_h64, i_m, stride_qb, stride_qh, stride_qn,
+                                               stride_qd, N, HEAD_DIM, BLOCK_M, BLOCK_D, True)
     i_sub = tl.arange(0, BLOCK_M) // Q_BLOCK  # [BM] mask query sub-block of each row
     o_n = tl.arange(0, BLOCK_N)
 
@@ -82,8 +92,10 @@ def block_sparse_attention_tiled_fwd_kernel(
         b_m, b_l, b_acc = online_softmax_step(b_s, b_m, b_l, b_acc, b_v)
 
     b_o, b_lse = online_softmax_finish(b_m, b_l, b_acc)  # empty rows: zeros, LSE -inf
-    o.store([o_row + i_m * BLOCK_M, 0], b_o.to(o.dtype))
-    tl.store(lse + i_bh.to(tl.int64) * L + i_m * BLOCK_M + tl.arange(0, BLOCK_M), b_lse)
+    i_q64 = i_q.to(tl.int64)
+    p_o = o + i_b64 * stride_ob + i_h64 * stride_oh + i_q64[:, None] * stride_on + o_d[None, :] * stride_od
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+    tl.store(lse + i_b64 * stride_lb + i_h64 * stride_lh + i_q64 * stride_ln, b_lse, mask=m_q)
 
 
 def batch_stride(t: torch.Tensor) -> int:
@@ -92,7 +104,8 @@ def batch_stride(t: torch.Tensor) -> int:
 
 
 def block_sparse_attention_tiled_fwd(
-    qt: torch.Tensor,
+    q: torch.Tensor,
+    q_order: torch.Tensor,
     kt: torch.Tensor,
     vt: torch.Tensor,
     tile_counts: torch.Tensor,
@@ -108,18 +121,23 @@ def block_sparse_attention_tiled_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the tiled forward. Inputs are prepared and validated by ``sparse_vdit.ops``.
 
-    qt, kt, vt: contiguous [B, H, L, D] in tiled order (L a multiple of ``tile_rows`` and of
-    ``kv_block``); tile_counts int32 [Bm, Hm, Mt]; tile_indices / tile_flags int32 [Bm, Hm, Mt, K]
+    q: [B, H, N, D] in model order (any strides); q_order: int32 [L], the padded query order (tiled
+    position -> model token, -1 for padding). kt, vt: contiguous [B, H, L, D] in tiled order (L a
+    multiple of ``tile_rows`` and of ``kv_block``); tile_counts int32 [Bm, Hm, Mt]; tile_indices /
+    tile_flags int32 [Bm, Hm, Mt, K]
     (key blocks of each ``tile_rows``-row query tile, and the bit field of its ``q_block`` sub-blocks
     that visit each); kv_valid: int8 [L] or [B, L] (0 = not a key; per batch element when 2-D);
     kv_block_pad: int8 [L // kv_block] or [B, L // kv_block], set where a key block holds any
     position that is not a key. head_map: optional int32 [H], the mask row (pattern) each head reads:
     a layer whose heads mix patterns runs in one launch over the patterns' shared lists.
-    Returns ot [B, H, L, D] in qt's dtype and lse fp32 [B, H, L], in tiled order.
+    Returns o [B, H, N, D] in q's dtype, laid out as [B, N, H, D] (the model's layout: its transpose
+    is contiguous), and lse fp32 [B, H, N], both in model order. Tokens the order does not hold are
+    not written (``torch.empty``: the caller fills them).
     """
-    B, H, L, D = qt.shape
-    ot = torch.empty_like(qt)
-    lse = torch.empty((B, H, L), dtype=torch.float32, device=qt.device)
+    B, H, N, D = q.shape
+    L = kt.shape[2]
+    o = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     cb = tile_counts.stride(0) if tile_counts.shape[0] > 1 else 0
     ch = tile_counts.stride(1) if tile_counts.shape[1] > 1 else 0
     ib = tile_indices.stride(0) if tile_indices.shape[0] > 1 else 0
@@ -133,15 +151,16 @@ def block_sparse_attention_tiled_fwd(
         return TensorDescriptor.from_tensor(x.view(B * H * L, D), [rows, block_d])
 
     block_sparse_attention_tiled_fwd_kernel[grid](
-        desc(qt, tile_rows), desc(kt, kv_block), desc(vt, kv_block), desc(ot, tile_rows), lse,
+        q, desc(kt, kv_block), desc(vt, kv_block), o, lse, q_order,
         tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad,
         head_map if head_map is not None else tile_counts,  # (not read without a map)
         scale * LOG2E_PY,
+        *q.stride(), *o.stride(), *lse.stride(),
         cb, ch, tile_counts.stride(2),
         ib, ih, tile_indices.stride(2), tile_indices.stride(3),
         batch_stride(kv_valid), batch_stride(kv_block_pad),
-        H, L, D,
-        BLOCK_M=tile_rows, BLOCK_N=kv_block, BLOCK_D=block_d, Q_BLOCK=q_block, DTYPE=str(qt.dtype).split(".")[-1],
+        H, N, L, D,
+        BLOCK_M=tile_rows, BLOCK_N=kv_block, BLOCK_D=block_d, Q_BLOCK=q_block, DTYPE=str(q.dtype).split(".")[-1],
         HAS_MAP=head_map is not None, enable_fp_fusion=True,  # the exp2 softmax relies on FMA contraction; Triton 3.10 flips the default
     )
-    return ot, lse
+    return o, lse

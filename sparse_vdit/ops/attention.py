@@ -12,7 +12,8 @@ from .order import freeze, frozen, order_facts, table_rows, tiled_position
 from .torch_backend import (torch_block_sparse_attention, torch_block_sparse_attention_bwd, torch_masked_attention,
                             torch_masked_sdpa)
 
-# triton: the tiled (Hopper-form) kernel, q/k/v gathered into tiled order once per call;
+# triton: the tiled (Hopper-form) kernel, k/v gathered into tiled order once per call, q read and o
+# written in model order by the kernel;
 # triton_gather: the first kernel, which gathers rows inside its loads (kept for comparison);
 # torch: block-gather in torch (the CPU path); torch_masked: dense attention under the mask's token-level
 # visibility (exact; the fast CPU path for short sequences); flex: FlexAttention on the same blocks.
@@ -74,13 +75,15 @@ def block_sparse_attention_op(
     else:
         o, lse = torch_block_sparse_attention(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale,
                                               q_block, kv_block, num_q_blocks)
-    return o.contiguous(), lse.contiguous()  # the fake's strides
+    # The fake's strides: the tiled kernel writes o in the model's [B, N, H, D] layout, the others [B, H, N, D].
+    return (o if backend == "triton" else o.contiguous()), lse.contiguous()
 
 
 def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale, tile_rows,
                   q_block, kv_block, head_map=None):
-    """Gather q, k, v into contiguous tiled order (one index_select each), run the tiled kernel over
-    ``tile_rows``-row query tiles, and bring o and the LSE back to model order."""
+    """Gather k and v into contiguous tiled order (one select or gather each) and run the tiled kernel
+    over ``tile_rows``-row query tiles: it reads q and writes o and the LSE in model order itself,
+    through the padded query order, so o is laid out as the model's ``[B, N, H, D]``."""
     from ..kernels import block_sparse_attention_tiled_fwd
 
     B, H, N, D = q.shape
@@ -90,15 +93,11 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
     t = _order_tables(q, token_order, length, step, kv_block)
     # A key order (e.g. per batch element under a key mask) has tables of its own, cached the same way.
     kt_ = t if kv_token_order is None else _order_tables(q, kv_token_order, length, step, kv_block, keys_only=True)
-    kv_gather, kv_valid, kv_block_pad = kt_.gather, kt_.valid, kt_.block_pad
-    # Padding positions read token 0 (any finite row): their queries are dropped, their keys masked.
-    qt = q.index_select(2, t.gather)
-    kt, vt = _gather_keys(k, kv_gather), _gather_keys(v, kv_gather)
-    ot, lset = block_sparse_attention_tiled_fwd(qt, kt, vt, tile_counts, tile_indices, tile_flags, kv_valid,
-                                                kv_block_pad, scale, tile_rows, q_block, kv_block, head_map)
-    o = ot.index_select(2, t.pos)
-    lse = lset.index_select(2, t.pos)
-    if t.missing is not None:  # tokens the order leaves out: zeros and LSE -inf (in place, on fresh tensors)
+    # Padding positions read token 0 (any finite row): their keys are masked.
+    kt, vt = _gather_keys(k, kt_.gather), _gather_keys(v, kt_.gather)
+    o, lse = block_sparse_attention_tiled_fwd(q, t.order, kt, vt, tile_counts, tile_indices, tile_flags, kt_.valid,
+                                              kt_.block_pad, scale, tile_rows, q_block, kv_block, head_map)
+    if t.missing is not None:  # tokens the order leaves out (never stored): zeros and LSE -inf
         o.masked_fill_(t.missing[None, None, :, None], 0.0)
         lse.masked_fill_(t.missing[None, None, :], float("-inf"))
     return o, lse
@@ -126,24 +125,25 @@ def _back_to_model(xt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 class _OrderTables:
     """What the tiled path derives from a query order, once per order tensor and shape: the padded
-    order's gather positions, key validity (int8 per position and per key block) and the way back
-    (each token's tiled position; ``missing`` None when the order holds every token)."""
+    order (int32, -1 for padding: the kernel's query order) and its gather positions, key validity
+    (int8 per position and per key block), and the tokens it leaves out (``missing``; None when the
+    order holds every token)."""
 
     def __init__(self, q, token_order, length, step, kv_block, keys_only=False, cached=True):
         N = q.shape[2]
         order, _ = _tiled_orders(q, token_order, None, length, step)
+        self.order = order  # int32, -1 for padding: the kernel's query order
         # A [B, L] table of key orders (one per batch element) gathers with int64 indices.
         self.gather = order.clamp(min=0) if order.dim() == 1 else order.clamp(min=0).long()
         self.valid = (order >= 0).to(torch.int8)
         self.block_pad = (self.valid.view(*self.valid.shape[:-1], -1, kv_block) == 0).any(-1).to(torch.int8)
         if keys_only:  # a key order: no way back
-            self.missing = self.pos = None
+            self.missing = None
             return
         pos = tiled_position(order, N)
         # Read back once per cached order (a sync on its first call only): later calls skip the fill.
         # Tables built for one call only fill every time instead (no read-back).
         self.missing = (pos < 0) if not cached or bool((pos < 0).any()) else None
-        self.pos = pos.clamp(min=0)
 
 
 _ORDER_TABLES = WeakIdKeyDictionary()
@@ -241,7 +241,8 @@ def _backward_lists(kv_counts, kv_indices, rows, cols):
 def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend,
       tile_counts=None, tile_indices=None, tile_flags=None, tile_rows=0, head_map=None):
     B, H, N, D = q.shape
-    return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
+    o = q.new_empty(B, N, H, D).transpose(1, 2) if backend == "triton" else q.new_empty(B, H, N, D)
+    return o, q.new_empty(B, H, N, dtype=torch.float32)
 
 
 # The forward op, its backward op, the Triton launcher and the torch backend spell out the same

@@ -101,6 +101,8 @@ def _int_values(name: str, head_dim: int, block: int) -> dict[str, int]:
     for t in "qkv":
         for axis, v in qkv.items():
             vals[f"stride_{t}{axis}"] = v
+    if name == "tiled":  # it writes o in the model's layout, [B, N, H, D]
+        vals.update({f"stride_o{axis}": v for axis, v in qkv.items()})
     return vals
 
 
@@ -111,9 +113,7 @@ def _signature(name: str, fn, dtype: str, head_dim: int, block: int, tile_rows: 
     sig, consts, attrs = {}, {}, {}
     divisible = [["tt.divisibility", 16]]
     for i, n in enumerate(fn.arg_names):
-        if name == "tiled" and n in ("q", "o"):
-            sig[n] = f"tensordesc<{dtype}[{tile_rows}, {block_d}]>"
-        elif name == "tiled" and n in ("k", "v"):
+        if name == "tiled" and n in ("k", "v"):
             sig[n] = f"tensordesc<{dtype}[{block}, {block_d}]>"
         elif n in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
             sig[n], attrs[(i,)] = f"*{dtype}", divisible
@@ -121,7 +121,7 @@ def _signature(name: str, fn, dtype: str, head_dim: int, block: int, tile_rows: 
             sig[n], attrs[(i,)] = "*fp32", divisible
         elif n in ("kv_valid", "kv_block_pad"):
             sig[n], attrs[(i,)] = "*i8", divisible
-        elif n in ("kv_counts", "kv_indices", "token_order", "kv_token_order", "tile_counts", "tile_indices",
+        elif n in ("kv_counts", "kv_indices", "token_order", "kv_token_order", "q_order", "tile_counts", "tile_indices",
                    "tile_flags", "q_counts", "q_indices", "head_map"):
             sig[n], attrs[(i,)] = "*i32", divisible
         elif n in ("sm_scale_log2", "sm_scale"):

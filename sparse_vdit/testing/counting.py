@@ -34,6 +34,13 @@ def _tensors(x) -> Iterable[torch.Tensor]:
             yield from _tensors(y)
 
 
+def _empty(shape, dtype, device, perm=None) -> torch.Tensor:
+    if perm is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return torch.empty([shape[i] for i in perm], dtype=dtype, device=device).permute(inverse)
+
+
 class DispatchCounter:
     """Counts, while active, the aten ops dispatched (``ops``: name -> count, views included),
     the host syncs (``syncs``: where each happened), the stubbed kernel launches (``launches``),
@@ -41,7 +48,9 @@ class DispatchCounter:
     (``written``), all outside the kernels.
 
     ``kernels``: ``(module, attribute)`` pairs of launchers to replace by stubs that return
-    ``torch.empty`` outputs shaped as ``shapes(*args, **kwargs)`` says (a list of (shape, dtype)).
+    ``torch.empty`` outputs shaped as ``shapes(*args, **kwargs)`` says (a list of (shape, dtype,
+    device), or (shape, dtype, device, perm) for an output whose memory is laid out as ``shape``
+    permuted by ``perm``). Their bytes are ``kernel_output_bytes``.
     """
 
     def __init__(self, kernels: dict[tuple[object, str], Callable] | None = None, run_op_bodies: bool = True):
@@ -144,7 +153,7 @@ class DispatchCounter:
     def _stub(self, shapes: Callable):
         def kernel(*args, **kwargs):
             with self.paused():
-                outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in shapes(*args, **kwargs)]
+                outs = [_empty(*spec) for spec in shapes(*args, **kwargs)]
             self.launches += 1
             self.kernel_bytes += sum(o.numel() * o.element_size() for o in outs)
             return outs[0] if len(outs) == 1 else tuple(outs)
@@ -153,12 +162,12 @@ class DispatchCounter:
 
 def attention_kernel_stubs() -> dict:
     """The attention kernels of a sparse layer call as :class:`DispatchCounter` stubs: the tiled Triton
-    launcher (o and the LSE in tiled order) and SDPA (dense heads and text rows)."""
+    launcher (o and the LSE in model order) and SDPA (dense heads and text rows)."""
     import sparse_vdit.kernels as kernels
 
-    def tiled(qt, kt, vt, *rest):
-        B, H, L, D = qt.shape
-        return [((B, H, L, D), qt.dtype, qt.device), ((B, H, L), torch.float32, qt.device)]
+    def tiled(q, q_order, kt, vt, *rest):
+        B, H, N, D = q.shape  # o and the LSE in model order; o laid out as [B, N, H, D], as the kernel writes it
+        return [((B, H, N, D), q.dtype, q.device, (0, 2, 1, 3)), ((B, H, N), torch.float32, q.device)]
 
     def sdpa(q, k, v, *args, **kwargs):
         return [((*q.shape[:-1], v.shape[-1]), q.dtype, q.device)]
