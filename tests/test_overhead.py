@@ -134,3 +134,41 @@ def test_key_mask_over_a_batch_is_one_launch_per_group_with_no_sync_and_no_cat()
     c, _, _ = _layer_call([{"kind": "sliding_tile", "window": [1, 1, 1]}, {"kind": "radial", "dense_frames": 1}],
                           B=3, key_mask=True)
     assert c.summary()["launches"] == 1 and c.summary()["syncs"] == 0  # one per layer: the patterns stacked
+
+
+@pytest.mark.parametrize("text,where", [(0, "after"), (5, "before")])
+def test_tiled_kernel_writes_the_model_layout_itself(text, where):
+    """The tiled kernel stores o straight into the model's [B, N, H, D] layout through the order
+    (the seam's output is contiguous, no copy back), and a token the order leaves out gets zeros and
+    LSE -inf; exact against the float64 reference. Poisoned allocations: a value the kernel failed
+    to write would be NaN here."""
+    layout, mask, q, k, v = _case(grid=(2, 8, 16), heads=2, D=32, text=text, where=where)
+    order = layout.token_order("cpu").clone()
+    order[order == 3] = -1  # token 3 left out of the order: never computed, never stored
+    qm, km, vm = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, N, H, D], as the model holds them
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = poisoned
+    try:
+        o = sv.ops.sparse_attention(qm, km, vm, mask, order, backend="triton")
+        oh, lse = block_sparse_attention(q, k, v, mask, token_order=order, backend="triton", return_lse=True,
+                                         check=False)  # (the order is no longer the layout's)
+    finally:
+        torch.empty = real_empty
+    assert o.is_contiguous() and o.shape == qm.shape
+    assert oh.transpose(1, 2).is_contiguous()  # the op's output: [B, H, N, D] over [B, N, H, D] memory
+    assert torch.equal(o, oh.transpose(1, 2))
+    assert (o[:, 3] == 0).all() and torch.isinf(lse[:, :, 3]).all()
+    # Every other row: the reference over the whole order, with token 3 left out as a key.
+    from sparse_vdit.ops.reference import reference_attention
+
+    full = layout.token_order("cpu")
+    ref_o, ref_lse = reference_attention(q.double(), k.double(), v.double(), mask, token_order=full,
+                                         kv_token_order=order)
+    rows = torch.arange(layout.seq_len) != 3
+    assert (oh - ref_o).abs()[:, :, rows].max() < 1e-5
+    assert (lse - ref_lse).abs()[:, :, rows].max() < 1e-5
