@@ -8,8 +8,14 @@ redness) in the first and last key frame, against the truth.
     python -m benchmarks.motion_probe --first-frame-sigma 0 # the first key frame clean, the rest at each sigma
 
 With ``--first-frame-sigma`` the first key frame is noised less than the others (per-token timesteps,
-as ``train_shapes`` trains half of its samples): the clean frame shows where the object is, and only
-the direction word says where it goes.
+as ``train_shapes --frame-noise`` / ``--anchor`` train some samples): the clean frame shows where the
+object is, and only the direction word says where it goes.
+
+    python -m benchmarks.motion_probe --sensitivity --cross-attention
+
+``--sensitivity``: how far the prediction moves (L2) when one word of the prompt is swapped (the
+direction, the colour, the shape; the empty prompt), against its norm. ``--cross-attention``: the
+mean cross-attention probability the video tokens give each text token, per layer and head.
 """
 from __future__ import annotations
 
@@ -30,14 +36,79 @@ def centroids(video: torch.Tensor) -> list[tuple[float, float]]:
             for t in (0, red.shape[0] - 1)]
 
 
+def _video(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = shapes.batch([shapes.Scene("red", "circle", "right")], g)
+    return x0, torch.randn(x0.shape, generator=g)
+
+
+def sensitivity(model, sigmas) -> None:
+    """L2 change of the prediction when the prompt's direction, colour or shape word is swapped, or the
+    prompt is empty, for one noised training video of "a red circle moves right"."""
+    prompts = {"base": "a red circle moves right", "direction (left)": "a red circle moves left",
+               "colour (blue)": "a blue circle moves right", "shape (square)": "a red square moves right",
+               "empty prompt": ""}
+    embeds = train_shapes.encode_prompts(list(prompts.values()))
+    x0, noise = _video()
+    for sigma in sigmas:
+        xt = (1 - sigma) * x0 + sigma * noise
+        with torch.no_grad():
+            preds = [model(xt, torch.tensor([sigma * 1000]), embeds[i:i + 1], return_dict=False)[0]
+                     for i in range(len(prompts))]
+        changes = ", ".join(f"{name} {float((p - preds[0]).norm()):.1f}" for name, p in zip(list(prompts)[1:], preds[1:]))
+        print(f"sigma {sigma}: prediction norm {float(preds[0].norm()):.1f}; change when swapping: {changes}")
+
+
+def cross_attention(model, sigmas) -> None:
+    """Mean cross-attention probability of the video tokens on each text token (per layer, per head)."""
+    prompt = "a red circle moves right"
+    embeds = train_shapes.encode_prompts([prompt])
+    words = prompt.split() + ["</s>", "padding (10, summed)"]
+    x0, noise = _video()
+    found = []
+
+    def hook(mod, args, kwargs, out):
+        hs = args[0]
+        enc = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
+        q, k = mod.norm_q(mod.to_q(hs)), mod.norm_k(mod.to_k(enc))
+        B, N, _ = q.shape
+        q = q.view(B, N, mod.heads, -1).transpose(1, 2)
+        k = k.view(B, k.shape[1], mod.heads, -1).transpose(1, 2)
+        p = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1).mean(2)[0]  # [H, text tokens]
+        n = len(words) - 1
+        found.append(torch.cat([p[:, :n], p[:, n:].sum(-1, keepdim=True)], -1))
+
+    handles = [blk.attn2.register_forward_hook(hook, with_kwargs=True) for blk in model.blocks]
+    try:
+        for sigma in sigmas:
+            found.clear()
+            xt = (1 - sigma) * x0 + sigma * noise
+            with torch.no_grad():
+                model(xt, torch.tensor([sigma * 1000]), embeds, return_dict=False)
+            print(f"sigma {sigma}: cross-attention mass per text token ({', '.join(words)})")
+            for layer, p in enumerate(found):
+                print(f"  layer {layer}: " + "  ".join("[" + " ".join(f"{x:.2f}" for x in row.tolist()) + "]" for row in p))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default=None, help="weights folder (default: the shipped ones)")
     ap.add_argument("--sigmas", nargs="*", type=float, default=[0.95, 0.85, 0.7])
     ap.add_argument("--first-frame-sigma", type=float, default=None,
                     help="noise level of the first key frame (default: the same as the others)")
+    ap.add_argument("--sensitivity", action="store_true", help="the prediction's change per swapped word")
+    ap.add_argument("--cross-attention", action="store_true", help="cross-attention mass per text token")
     args = ap.parse_args(argv)
     model = shapes.learned_wan_pipeline(args.weights).transformer
+    if args.sensitivity:
+        sensitivity(model, args.sigmas)
+    if args.cross_attention:
+        cross_attention(model, args.sigmas)
+    if args.sensitivity or args.cross_attention:
+        return
     embeds = train_shapes.encode_prompts(PROMPTS)
     g = torch.Generator().manual_seed(0)
     x0 = shapes.batch([shapes.Scene("red", "circle", "right")], g)
