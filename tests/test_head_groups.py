@@ -68,9 +68,10 @@ def test_plan_masks_cost_per_distinct_spec_not_per_layer():
     assert stack_bytes < held <= 2 * stack_bytes  # the patterns, and the stack (rows padded to one width)
 
 
-def _reference_per_head(q, k, v, specs, layout, key_valid):
+def _reference_per_head(q, k, v, specs, layout, key_valid, temperatures=None):
     """float64 attention where head h sees exactly the token pairs its spec's blocks visit, on the
-    spec's own layout (its ``order``)."""
+    spec's own layout (its ``order``); with ``temperatures``, head h's video queries' logits divided
+    by its own (the text queries' are not)."""
     B, N, H, D = q.shape
     allowed = []
     for spec in specs:
@@ -80,6 +81,12 @@ def _reference_per_head(q, k, v, specs, layout, key_valid):
     allowed = torch.stack(allowed)[None] & key_valid[:, None, None, :]  # [B, H, N, N]
     qh, kh, vh = (x.transpose(1, 2).double() for x in (q, k, v))
     s = (qh @ kh.transpose(-1, -2)) * D ** -0.5
+    if temperatures is not None:
+        rows = torch.ones(H, N, dtype=torch.float64)
+        text = torch.zeros(N, dtype=torch.bool)
+        text[layout.text_offset:layout.text_offset + layout.text_len] = True
+        rows[:, ~text] = 1 / torch.tensor(temperatures, dtype=torch.float64)[:, None]
+        s = s * rows[None, :, :, None]
     return (torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vh).transpose(1, 2)
 
 
@@ -195,6 +202,57 @@ def test_gradients_through_a_layer_run_as_one_launch():
     grads = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
     q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
     ref = _reference_per_head(q64, k64, v64, specs, layout, key_valid)
+    want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
+    for a, b in zip(grads, want):
+        assert (a.double() - b).abs().max() < 1e-4
+
+
+TEMPERATURES = [0.5, 1.0, 2.0, 1.25]
+
+
+def _mixed_temperature_layer(backend):
+    layout = sv.VideoLayout(2, 8, 8, tile=(1, 4, 4), text_len=5)
+    base = [{"kind": "sliding_tile", "window": [1, 1, 1]}, "radial", {"kind": "sliding_tile", "window": [1, 1, 1]},
+            "spatial"]
+    specs = [dict(sv.masks.normalize_spec(s), **({} if t == 1.0 else {"temperature": t}))
+             for s, t in zip(base, TEMPERATURES)]
+    groups = sv.SparseAttnProcessor(sv.SparsityPlan(heads=[specs], tile=(1, 4, 4)), backend=backend).head_groups(
+        0, layout, "cpu")
+    return layout, [sv.masks.without_temperature(s) for s in specs], groups
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "torch_masked"])
+def test_heads_at_different_temperatures_share_one_launch(backend):
+    """A layer whose heads differ in softmax temperature is one group with a per-head scale factor:
+    one launch on the tiled kernel (q scaled per head on the others), exact per head against float64."""
+    layout, specs, groups = _mixed_temperature_layer(backend)
+    assert len(groups) == 1 and groups[0].temperature == 1.0
+    assert torch.equal(groups[0].head_factor, 1 / torch.tensor(TEMPERATURES))
+    g = torch.Generator().manual_seed(5)
+    B, N, H, D = 2, layout.seq_len, 4, 16
+    q, k, v = (torch.randn(B, N, H, D, generator=g) for _ in range(3))
+    key_valid = torch.ones(B, N, dtype=torch.bool)
+    key_valid[0, -2:] = False
+    with tiled_launches() as launches:
+        out = grouped_attention(q, k, v, groups, layout.token_order(), key_valid, backend, text_queries(layout))
+    ref = _reference_per_head(q, k, v, specs, layout, key_valid, TEMPERATURES)
+    assert (out.double() - ref).abs().max() < 2e-5
+    assert len(launches) == (1 if backend == "triton" else 0)
+    plain = _reference_per_head(q, k, v, specs, layout, key_valid)
+    assert (plain - ref).abs().max() > 1e-2  # the temperatures really act
+
+
+def test_gradients_through_heads_at_different_temperatures_in_one_launch():
+    layout, specs, groups = _mixed_temperature_layer("triton")
+    assert len(groups) == 1 and groups[0].head_factor is not None
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, layout.seq_len, 4, 16, generator=g, requires_grad=True) for _ in range(3))
+    key_valid = torch.ones(1, layout.seq_len, dtype=torch.bool)
+    w = torch.randn(1, layout.seq_len, 4, 16, generator=g, dtype=torch.float64)
+    out = grouped_attention(q, k, v, groups, layout.token_order(), key_valid, "triton", text_queries(layout))
+    grads = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    ref = _reference_per_head(q64, k64, v64, specs, layout, key_valid, TEMPERATURES)
     want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
     for a, b in zip(grads, want):
         assert (a.double() - b).abs().max() < 1e-4

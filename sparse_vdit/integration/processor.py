@@ -147,6 +147,8 @@ class HeadGroup:
     # int32 [H]: with ``mask`` a stack of the layer's patterns, the pattern row of each head (one
     # group for a whole layer that mixes specs: the kernel reads q, k, v once and launches once)
     head_map: torch.Tensor | None = None
+    # float32 [H]: 1 / each head's temperature, where the heads of one group differ in it (``temperature`` is then 1)
+    head_factor: torch.Tensor | None = None
 
 
 def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None, text=None,
@@ -166,7 +168,7 @@ def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None
         order = token_order if g.token_order is None else g.token_order
         mask = g.mask if g.select is None else g.select(qq, kk, key_valid=key_valid, scale=scale)
         return sparse_attention(qq, kk, vv, mask, order, key_valid=key_valid, backend=backend, scale=scale,
-                                head_map=g.head_map)
+                                head_map=g.head_map, head_factor=g.head_factor)
 
     if len(groups) == 1 and groups[0].heads is None:
         out = run(groups[0], q, k, v)
@@ -721,10 +723,10 @@ class SparseAttnProcessor:
     def _one_launch(self, made: list, keys: list, heads: list, layout: VideoLayout, device) -> tuple:
         """The layer's groups as one group over a stack of their patterns and a head map, where they
         can share a launch: every group masked (dense ones too when the tiled kernel runs: a full
-        pattern, which copies less than taking their heads apart for SDPA) on the layer's order, at
-        one temperature, none selected per call. Else the groups as they are."""
-        if len(made) < 2 or any(g.select is not None or g.token_order is not None for g in made) or \
-                len({g.temperature for g in made}) > 1:
+        pattern, which copies less than taking their heads apart for SDPA) on the layer's order, none
+        selected per call. Heads at different temperatures take a per-head scale factor. Else the
+        groups as they are."""
+        if len(made) < 2 or any(g.select is not None or g.token_order is not None for g in made):
             return tuple(made)
         backend = self.backend or default_backend(torch.device(device))
         tiled = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
@@ -738,7 +740,13 @@ class SparseAttnProcessor:
         head_map = torch.zeros(H, dtype=torch.int32)
         for key, hs in zip(pattern_keys, heads):
             head_map[hs] = rows[key]
-        return (HeadGroup(stacked, None, None, made[0].temperature, None, freeze(head_map.to(device))),)
+        temperatures = {g.temperature for g in made}
+        if len(temperatures) == 1:
+            return (HeadGroup(stacked, None, None, made[0].temperature, None, freeze(head_map.to(device))),)
+        factor = torch.ones(H, dtype=torch.float32)
+        for g, hs in zip(made, heads):
+            factor[hs] = 1.0 / g.temperature
+        return (HeadGroup(stacked, None, None, 1.0, None, freeze(head_map.to(device)), factor.to(device)),)
 
     def _pattern_stack(self, layout: VideoLayout, device, full: str | None) -> tuple[BlockSparseMask, dict]:
         """One mask holding, as its rows, every static pattern of the plan on ``layout``'s order, shared

@@ -39,7 +39,7 @@ from .common import (LOG2E_PY, arch_pruner, autotune_configs, head_dim_block, lo
 @triton.jit
 def block_sparse_attention_tiled_fwd_kernel(
     q, k, v, o, lse, q_order,
-    tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad, head_map,
+    tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad, head_map, head_factor,
     sm_scale_log2,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
@@ -49,7 +49,7 @@ def block_sparse_attention_tiled_fwd_kernel(
     stride_vb, stride_pb,
     H, N, L, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr,
-    DTYPE: tl.constexpr, HAS_MAP: tl.constexpr,
+    DTYPE: tl.constexpr, HAS_MAP: tl.constexpr, HAS_FACTOR: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -58,6 +58,8 @@ def block_sparse_attention_tiled_fwd_kernel(
     i_p = i_h  # the mask row of this head: its own, or with a head map its pattern's
     if HAS_MAP:
         i_p = tl.load(head_map + i_h)
+    if HAS_FACTOR:  # this head's softmax scale factor (1 / its temperature)
+        sm_scale_log2 = sm_scale_log2 * tl.load(head_factor + i_h)
     FULL: tl.constexpr = (1 << (BLOCK_M // Q_BLOCK)) - 1
     o_row = i_bh * L  # k and v are [B * H * L, D] row blocks in tiled order
     # q in model order through the padded query order: padding rows read zeros and are never stored.
@@ -118,6 +120,7 @@ def block_sparse_attention_tiled_fwd(
     q_block: int,
     kv_block: int,
     head_map: torch.Tensor | None = None,
+    head_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the tiled forward. Inputs are prepared and validated by ``sparse_vdit.ops``.
 
@@ -129,7 +132,8 @@ def block_sparse_attention_tiled_fwd(
     that visit each); kv_valid: int8 [L] or [B, L] (0 = not a key; per batch element when 2-D);
     kv_block_pad: int8 [L // kv_block] or [B, L // kv_block], set where a key block holds any
     position that is not a key. head_map: optional int32 [H], the mask row (pattern) each head reads:
-    a layer whose heads mix patterns runs in one launch over the patterns' shared lists.
+    a layer whose heads mix patterns runs in one launch over the patterns' shared lists. head_factor:
+    optional fp32 [H], each head's factor on ``scale`` (heads at different softmax temperatures in one launch).
     Returns o [B, H, N, D] in q's dtype, laid out as [B, N, H, D] (the model's layout: its transpose
     is contiguous), and lse fp32 [B, H, N], both in model order. Tokens the order does not hold are
     not written (``torch.empty``: the caller fills them).
@@ -154,6 +158,7 @@ def block_sparse_attention_tiled_fwd(
         q, desc(kt, kv_block), desc(vt, kv_block), o, lse, q_order,
         tile_counts, tile_indices, tile_flags, kv_valid, kv_block_pad,
         head_map if head_map is not None else tile_counts,  # (not read without a map)
+        head_factor if head_factor is not None else lse,  # (not read without factors)
         scale * LOG2E_PY,
         *q.stride(), *o.stride(), *lse.stride(),
         cb, ch, tile_counts.stride(2),
@@ -161,6 +166,6 @@ def block_sparse_attention_tiled_fwd(
         batch_stride(kv_valid), batch_stride(kv_block_pad),
         H, N, L, D,
         BLOCK_M=tile_rows, BLOCK_N=kv_block, BLOCK_D=block_d, Q_BLOCK=q_block, DTYPE=str(q.dtype).split(".")[-1],
-        HAS_MAP=head_map is not None, enable_fp_fusion=True,  # the exp2 softmax relies on FMA contraction; Triton 3.10 flips the default
+        HAS_MAP=head_map is not None, HAS_FACTOR=head_factor is not None, enable_fp_fusion=True,  # the exp2 softmax relies on FMA contraction; Triton 3.10 flips the default
     )
     return o, lse

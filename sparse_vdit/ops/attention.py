@@ -57,13 +57,15 @@ def block_sparse_attention_op(
     tile_flags: torch.Tensor | None = None,
     tile_rows: int = 0,
     head_map: torch.Tensor | None = None,
+    head_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward as one opaque op for torch.compile: (o [B, H, N, D], lse fp32 [B, H, N]).
     The tiled backend also takes the mask's query-tile lists (``BlockSparseMask.query_tiles``), and
-    optionally ``head_map`` (int32 [H]: the mask row each head reads; the tiled backend only)."""
+    optionally ``head_map`` (int32 [H]: the mask row each head reads) and ``head_factor`` (fp32 [H]:
+    each head's factor on ``scale``); the tiled backend only."""
     if backend == "triton":
         o, lse = _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale,
-                               tile_rows, q_block, kv_block, head_map)
+                               tile_rows, q_block, kv_block, head_map, head_factor)
     elif backend == "triton_gather":
         from ..kernels import block_sparse_attention_fwd
 
@@ -80,7 +82,7 @@ def block_sparse_attention_op(
 
 
 def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale, tile_rows,
-                  q_block, kv_block, head_map=None):
+                  q_block, kv_block, head_map=None, head_factor=None):
     """Gather k and v into contiguous tiled order (one select or gather each) and run the tiled kernel
     over ``tile_rows``-row query tiles: it reads q and writes o and the LSE in model order itself,
     through the padded query order, so o is laid out as the model's ``[B, N, H, D]``."""
@@ -96,7 +98,8 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
     # Padding positions read token 0 (any finite row): their keys are masked.
     kt, vt = _gather_keys(k, kt_.gather), _gather_keys(v, kt_.gather)
     o, lse = block_sparse_attention_tiled_fwd(q, t.order, kt, vt, tile_counts, tile_indices, tile_flags, kt_.valid,
-                                              kt_.block_pad, scale, tile_rows, q_block, kv_block, head_map)
+                                              kt_.block_pad, scale, tile_rows, q_block, kv_block, head_map,
+                                              head_factor)
     if t.missing is not None:  # tokens the order leaves out (never stored): zeros and LSE -inf
         o.masked_fill_(t.missing[None, None, :, None], 0.0)
         lse.masked_fill_(t.missing[None, None, :], float("-inf"))
@@ -239,7 +242,7 @@ def _backward_lists(kv_counts, kv_indices, rows, cols):
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend,
-      tile_counts=None, tile_indices=None, tile_flags=None, tile_rows=0, head_map=None):
+      tile_counts=None, tile_indices=None, tile_flags=None, tile_rows=0, head_map=None, head_factor=None):
     B, H, N, D = q.shape
     o = q.new_empty(B, N, H, D).transpose(1, 2) if backend == "triton" else q.new_empty(B, H, N, D)
     return o, q.new_empty(B, H, N, dtype=torch.float32)
@@ -290,22 +293,28 @@ def _setup_context(ctx, inputs, output):
         inputs[:12]
     o, lse = output
     head_map = inputs[16] if len(inputs) > 16 else None
-    ctx.save_for_backward(q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, head_map)
+    head_factor = inputs[17] if len(inputs) > 17 else None
+    ctx.save_for_backward(q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, head_map, head_factor)
     # The Triton backward follows a Triton forward (tiled or gather: the same function).
     ctx.meta = (scale, q_block, kv_block, num_q_blocks, "triton" if backend in TRITON_BACKENDS else "torch")
 
 
 def _backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, head_map = ctx.saved_tensors
+    q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, head_map, head_factor = ctx.saved_tensors
     if head_map is not None:  # the heads' own rows of the patterns' lists (the forward's expansion, cached)
         kv_counts, kv_indices = _head_rows(kv_counts, kv_indices, head_map)
     if grad_o is None:
         grad_o = torch.zeros_like(q)
     if grad_lse is None:
         grad_lse = q.new_zeros(q.shape[:3], dtype=torch.float32)
+    factor = None if head_factor is None else head_factor.view(1, -1, 1, 1)
+    if factor is not None:  # per-head scales: the same attention as scale alone on q * factor (rescaled in fp32)
+        q = (q.float() * factor).to(q.dtype)
     dq, dk, dv = block_sparse_attention_bwd_op(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order,
                                                kv_token_order, *ctx.meta)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+    if factor is not None:
+        dq = (dq.float() * factor).to(dq.dtype)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -560,6 +569,17 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_map
 
 
 # ---------------------------------------------------------------------------- public API
+def _check_head_factor(head_factor, q) -> None:
+    H = q.shape[1]
+    if not isinstance(head_factor, torch.Tensor) or head_factor.dtype != torch.float32 or \
+            tuple(head_factor.shape) != (H,) or head_factor.device != q.device:
+        got = (f"{tuple(head_factor.shape)} {head_factor.dtype} on {head_factor.device}"
+               if isinstance(head_factor, torch.Tensor) else type(head_factor).__name__)
+        raise ValueError(f"head_factor must be a float32 tensor [{H}] (one factor per head) on {q.device}, got {got}")
+    if not torch.compiler.is_compiling() and not bool((head_factor > 0).all()):
+        raise ValueError("head_factor must be positive (1 / each head's softmax temperature)")
+
+
 def _check_head_map(head_map, q, mask) -> None:
     H = q.shape[1]
     if not isinstance(head_map, torch.Tensor) or head_map.dtype != torch.int32 or head_map.shape != (H,):
@@ -625,6 +645,7 @@ def block_sparse_attention(
     backend: str | None = None,
     check: bool = True,
     head_map: torch.Tensor | None = None,
+    head_factor: torch.Tensor | None = None,
 ):
     """Exact softmax attention over the key blocks ``mask`` lists for each query block.
 
@@ -650,6 +671,9 @@ def block_sparse_attention(
         head_map: optional int32 ``[H]``: head ``h`` follows mask row ``head_map[h]`` (a mask of P
             patterns shared by a layer whose heads mix them): the tiled kernel reads q, k and v once
             and launches once; the other backends take the mask expanded to the heads.
+        head_factor: optional float32 ``[H]``: head ``h``'s logits are scaled by ``scale *
+            head_factor[h]`` (heads at different softmax temperatures: ``1 / temperature``). The
+            tiled kernel reads it per head (one launch); the other backends scale q by it.
 
     Returns:
         ``o`` ``[B, H, N, D]`` in q's dtype, and ``lse`` if ``return_lse``. A query with no visible key
@@ -664,6 +688,14 @@ def block_sparse_attention(
             backend = "triton"
         if backend != "triton":
             mask, head_map = _expand_heads(mask, head_map), None
+    if head_factor is not None:
+        if check:
+            _check_head_factor(head_factor, q)
+        if backend == "auto" and q.device.type == "cuda" and \
+                unsupported("triton", q.dtype, q.shape[-1], mask.q_block, mask.kv_block, "cuda") is None:
+            backend = "triton"
+        if backend != "triton":  # the same logits from q scaled per head (exact in the dtypes these run)
+            q, head_factor = q * head_factor.to(q.dtype).view(1, -1, 1, 1), None
     if check:
         _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_mapped=head_map is not None)
     D = q.shape[-1]
@@ -681,6 +713,7 @@ def block_sparse_attention(
         o, lse = block_sparse_attention_op(
             q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,
             mask.q_block, mask.kv_block, mask.num_q_blocks, backend, *mask.query_tiles(tile_rows), tile_rows, head_map,
+            head_factor,
         )
         return (o, lse) if return_lse else o
     if backend == "auto":
@@ -702,6 +735,7 @@ def block_sparse_attention(
         o, lse = block_sparse_attention_op(
             q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,
             mask.q_block, mask.kv_block, mask.num_q_blocks, backend, *mask.query_tiles(tile_rows), tile_rows,
+            None, head_factor,
         )
     else:
         o, lse = block_sparse_attention_op(

@@ -60,14 +60,15 @@ def _entry(token_order, key_valid) -> tuple:
 
 
 def sparse_attention(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, *, key_valid=None, backend=None,
-                     scale=None, check: bool = False, head_map=None) -> torch.Tensor:
+                     scale=None, check: bool = False, head_map=None, head_factor=None) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` tensors in model order; output ``[B, N, H, D]``.
     ``token_order`` is the mask's layout order (``VideoLayout.token_order``)."""
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # views, no copies
     # Under a key mask every batch element has a key order of its own: a [B, L] table, one call.
     kv_order = None if key_valid is None else key_order_table(token_order, key_valid)
     return block_sparse_attention(qh, kh, vh, mask, token_order=token_order, kv_token_order=kv_order,
-                                  backend=backend, scale=scale, check=check, head_map=head_map).transpose(1, 2)
+                                  backend=backend, scale=scale, check=check, head_map=head_map,
+                                  head_factor=head_factor).transpose(1, 2)
 
 
 def dense_attention(q, k, v, *, key_valid=None, scale=None) -> torch.Tensor:

@@ -117,7 +117,7 @@ def _signature(name: str, fn, dtype: str, head_dim: int, block: int, tile_rows: 
             sig[n] = f"tensordesc<{dtype}[{block}, {block_d}]>"
         elif n in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
             sig[n], attrs[(i,)] = f"*{dtype}", divisible
-        elif n in ("lse", "mass", "delta"):
+        elif n in ("lse", "mass", "delta", "head_factor"):
             sig[n], attrs[(i,)] = "*fp32", divisible
         elif n in ("kv_valid", "kv_block_pad"):
             sig[n], attrs[(i,)] = "*i8", divisible
@@ -126,10 +126,10 @@ def _signature(name: str, fn, dtype: str, head_dim: int, block: int, tile_rows: 
             sig[n], attrs[(i,)] = "*i32", divisible
         elif n in ("sm_scale_log2", "sm_scale"):
             sig[n] = "fp32"
-        elif n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_ORDER", "Q_BLOCK", "ROWS", "DTYPE", "HAS_MAP"):
+        elif n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_ORDER", "Q_BLOCK", "ROWS", "DTYPE", "HAS_MAP", "HAS_FACTOR"):
             sig[n] = "constexpr"
             consts[(i,)] = {"BLOCK_M": tile_rows, "BLOCK_N": block, "BLOCK_D": block_d, "Q_BLOCK": block,
-                            "HAS_ORDER": name in ("gather_ordered", "mass"), "ROWS": rows, "HAS_MAP": False,
+                            "HAS_ORDER": name in ("gather_ordered", "mass"), "ROWS": rows, "HAS_MAP": False, "HAS_FACTOR": False,
                             "DTYPE": {"bf16": "bfloat16", "fp16": "float16"}[dtype]}[n]
         else:
             value = ints[n]
