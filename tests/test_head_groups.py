@@ -256,3 +256,13 @@ def test_gradients_through_heads_at_different_temperatures_in_one_launch():
     want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
     for a, b in zip(grads, want):
         assert (a.double() - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("bad,match", [(torch.ones(3), r"float32 tensor \[4\]"), (torch.ones(4, dtype=torch.float64), "float32"),
+                                       (torch.tensor([1.0, 0.0, 1.0, 1.0]), "positive")])
+def test_a_bad_head_factor_is_refused_with_what_is_valid(bad, match):
+    layout = sv.VideoLayout(2, 8, 8, tile=(1, 4, 4))
+    mask = sv.masks.build({"kind": "sliding_tile", "window": [1, 1, 1]}, layout, heads=1)
+    q = torch.randn(1, 4, layout.seq_len, 16)
+    with pytest.raises(ValueError, match=match):
+        sv.ops.block_sparse_attention(q, q, q, mask, token_order=layout.token_order(), backend="torch", head_factor=bad)
