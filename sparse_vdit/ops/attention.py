@@ -368,8 +368,8 @@ def _auto(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> str:
     return pick_backend(auto_key(q, mask, token_order, kv_token_order, return_lse), candidates, time_ms)
 
 
-# The token-level mask of ``torch_masked`` holds N x N booleans per mask head: beyond this, auto on the
-# CPU does not consider it.
+# The token-level mask of ``torch_masked`` holds N x N booleans per mask head, and beside them their
+# additive form in q's dtype for SDPA: beyond this many bytes, auto on the CPU does not consider it.
 CPU_MASKED_MAX_BYTES = 1 << 28
 
 
@@ -380,7 +380,7 @@ def _auto_cpu(q, k, v, mask, scale, token_order, kv_token_order, return_lse) -> 
 
     N = q.shape[2]
     candidates = ["torch"]
-    if N * N * mask.batch * mask.heads <= CPU_MASKED_MAX_BYTES:
+    if N * N * mask.batch * mask.heads * (1 + q.element_size()) <= CPU_MASKED_MAX_BYTES:
         candidates.append("torch_masked")
     if len(candidates) == 1:
         return candidates[0]

@@ -390,5 +390,18 @@ def torch_masked_sdpa(q, k, v, kv_counts, kv_indices, token_order, kv_token_orde
     N = q.shape[2]
     vis, rows = _token_visibility(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block,
                                   num_q_blocks, N)
-    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=_additive(vis, q.dtype), scale=scale)
     return o.masked_fill(~rows, 0.0)
+
+
+# Per cached token mask (by identity): its additive form (0 / -inf) in each dtype. SDPA turns a boolean
+# mask into this itself on every call, an N x N pass per head that cost as much as the attention on
+# the CPU (N=2,048: 134 ms with the boolean mask, 65 ms with the additive one, 51 ms dense).
+_ADDITIVE = WeakIdKeyDictionary()
+
+
+def _additive(vis: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    per_dtype = _ADDITIVE.setdefault(vis, {})
+    if dtype not in per_dtype:
+        per_dtype[dtype] = torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, float("-inf"))
+    return per_dtype[dtype]
