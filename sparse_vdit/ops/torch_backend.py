@@ -396,7 +396,8 @@ def torch_masked_sdpa(q, k, v, kv_counts, kv_indices, token_order, kv_token_orde
 
 # Per cached token mask (by identity): its additive form (0 / -inf) in each dtype. SDPA turns a boolean
 # mask into this itself on every call, an N x N pass per head that cost as much as the attention on
-# the CPU (N=2,048: 134 ms with the boolean mask, 65 ms with the additive one, 51 ms dense).
+# the CPU (B=2, 4 heads, N=2,048, D=32, a random mask that shows half the keys: 134 ms with the boolean
+# mask, 65 ms with the additive one, 51 ms dense).
 _ADDITIVE = WeakIdKeyDictionary()
 
 
