@@ -194,14 +194,19 @@ def test_gradients_through_a_layer_run_as_one_launch():
     groups = sv.SparseAttnProcessor(sv.SparsityPlan(heads=[specs], tile=(1, 4, 4)), backend="triton").head_groups(
         0, layout, "cpu")
     assert len(groups) == 1
-    g = torch.Generator().manual_seed(4)
+    _check_gradients(layout, specs, groups, seed=4)
+
+
+def _check_gradients(layout, specs, groups, seed, temperatures=None):
+    """dq, dk, dv of the layer on the tiled kernel against float64 autograd of the per-head reference."""
+    g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, layout.seq_len, 4, 16, generator=g, requires_grad=True) for _ in range(3))
     key_valid = torch.ones(1, layout.seq_len, dtype=torch.bool)
     w = torch.randn(1, layout.seq_len, 4, 16, generator=g, dtype=torch.float64)
     out = grouped_attention(q, k, v, groups, layout.token_order(), key_valid, "triton", text_queries(layout))
     grads = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
     q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
-    ref = _reference_per_head(q64, k64, v64, specs, layout, key_valid)
+    ref = _reference_per_head(q64, k64, v64, specs, layout, key_valid, temperatures)
     want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
     for a, b in zip(grads, want):
         assert (a.double() - b).abs().max() < 1e-4
@@ -245,17 +250,7 @@ def test_heads_at_different_temperatures_share_one_launch(backend):
 def test_gradients_through_heads_at_different_temperatures_in_one_launch():
     layout, specs, groups = _mixed_temperature_layer("triton")
     assert len(groups) == 1 and groups[0].head_factor is not None
-    g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(1, layout.seq_len, 4, 16, generator=g, requires_grad=True) for _ in range(3))
-    key_valid = torch.ones(1, layout.seq_len, dtype=torch.bool)
-    w = torch.randn(1, layout.seq_len, 4, 16, generator=g, dtype=torch.float64)
-    out = grouped_attention(q, k, v, groups, layout.token_order(), key_valid, "triton", text_queries(layout))
-    grads = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
-    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
-    ref = _reference_per_head(q64, k64, v64, specs, layout, key_valid, TEMPERATURES)
-    want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
-    for a, b in zip(grads, want):
-        assert (a.double() - b).abs().max() < 1e-4
+    _check_gradients(layout, specs, groups, seed=6, temperatures=TEMPERATURES)
 
 
 @pytest.mark.parametrize("bad,match", [(torch.ones(3), r"float32 tensor \[4\]"), (torch.ones(4, dtype=torch.float64), "float32"),
