@@ -42,13 +42,13 @@ def _video(seed: int = 0):
     return x0, torch.randn(x0.shape, generator=g)
 
 
-def sensitivity(model, sigmas) -> None:
+def sensitivity(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS) -> None:
     """L2 change of the prediction when the prompt's direction, colour or shape word is swapped, or the
     prompt is empty, for one noised training video of "a red circle moves right"."""
     prompts = {"base": "a red circle moves right", "direction (left)": "a red circle moves left",
                "colour (blue)": "a blue circle moves right", "shape (square)": "a red square moves right",
                "empty prompt": ""}
-    embeds = train_shapes.encode_prompts(list(prompts.values()))
+    embeds = train_shapes.encode_prompts(list(prompts.values()), text_tokens)
     x0, noise = _video()
     for sigma in sigmas:
         xt = (1 - sigma) * x0 + sigma * noise
@@ -59,11 +59,11 @@ def sensitivity(model, sigmas) -> None:
         print(f"sigma {sigma}: prediction norm {float(preds[0].norm()):.1f}; change when swapping: {changes}")
 
 
-def cross_attention(model, sigmas) -> None:
+def cross_attention(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS) -> None:
     """Mean cross-attention probability of the video tokens on each text token (per layer, per head)."""
     prompt = "a red circle moves right"
-    embeds = train_shapes.encode_prompts([prompt])
-    words = prompt.split() + ["</s>", "padding (10, summed)"]
+    embeds = train_shapes.encode_prompts([prompt], text_tokens)
+    words = prompt.split() + ["</s>", f"padding ({text_tokens - 6}, summed)"]
     x0, noise = _video()
     found = []
 
@@ -101,15 +101,17 @@ def main(argv=None) -> None:
                     help="noise level of the first key frame (default: the same as the others)")
     ap.add_argument("--sensitivity", action="store_true", help="the prediction's change per swapped word")
     ap.add_argument("--cross-attention", action="store_true", help="cross-attention mass per text token")
+    ap.add_argument("--text-tokens", type=int, default=shapes.MAX_TEXT_TOKENS,
+                    help="text tokens a prompt is padded to (as the weights were trained: train_shapes --text-tokens)")
     args = ap.parse_args(argv)
     model = shapes.learned_wan_pipeline(args.weights).transformer
     if args.sensitivity:
-        sensitivity(model, args.sigmas)
+        sensitivity(model, args.sigmas, args.text_tokens)
     if args.cross_attention:
-        cross_attention(model, args.sigmas)
+        cross_attention(model, args.sigmas, args.text_tokens)
     if args.sensitivity or args.cross_attention:
         return
-    embeds = train_shapes.encode_prompts(PROMPTS)
+    embeds = train_shapes.encode_prompts(PROMPTS, args.text_tokens)
     g = torch.Generator().manual_seed(0)
     x0 = shapes.batch([shapes.Scene("red", "circle", "right")], g)
     noise = torch.randn(x0.shape, generator=g)
