@@ -15,13 +15,57 @@ private diffusers names, so the mirrors stay.)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # attend(q, k, v, key_valid=None) -> o, all [B, N, H, D] (the layout diffusers processors use);
-# key_valid: optional bool [B, N], False for keys no query may attend (padded text tokens).
+# key_valid: optional bool [B, N], False for keys no query may attend (padded text tokens). An attend
+# whose ``takes_rotary`` attribute is True also takes ``rotary=`` (a Rotary) with q and k unrotated.
 Attend = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Rotary:
+    """A rotary embedding an adapter hands to attention unapplied, so that attention may fuse it with
+    the copy of k into tiled order (``sparse_vdit.ops.rope``). ``apply`` is the stock processor's own
+    rotation of ``[B, N, H, D]`` (what runs where nothing fuses); ``cos``/``sin`` the same angles as
+    fp32 ``[Bc, Nr, Hc, D // 2]`` tables, one per interleaved pair ``(x[2i], x[2i + 1])``, for
+    tokens ``start .. start + Nr - 1`` (the others are not rotated)."""
+
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    start: int = 0
+
+
+def attend_rotated(attend: Attend, query, key, value, rotary: Rotary | None, **kwargs):
+    """``attend`` on q and k rotated by ``rotary``: by attention itself where it takes the rotary
+    (``attend.takes_rotary``), else first by the stock processor's rotation."""
+    if rotary is None:
+        return attend(query, key, value, **kwargs)
+    if getattr(attend, "takes_rotary", False):
+        return attend(query, key, value, rotary=rotary, **kwargs)
+    return attend(rotary.apply(query), rotary.apply(key), value, **kwargs)
+
+
+# Pair tables by the transformer's angle tensor (computed once per forward and handed to every layer):
+# converted once per forward, not once per layer.
+_PAIR_TABLES = WeakIdKeyDictionary()
+
+
+def pair_tables(cos: torch.Tensor, sin: torch.Tensor, make: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make(cos, sin)`` -> fp32 ``[Bc, Nr, Hc, D // 2]`` pair tables, cached per ``cos`` tensor."""
+    if torch.compiler.is_compiling():
+        return tuple(t.float() for t in make(cos, sin))
+    hit = _PAIR_TABLES.get(cos)
+    if hit is None or hit[0] is not sin or hit[1] != (cos._version, sin._version):
+        tables = tuple(t.float().contiguous() for t in make(cos, sin))
+        hit = (sin, (cos._version, sin._version), tables)
+        _PAIR_TABLES[cos] = hit
+    return hit[2]
 
 
 def _arg(args, kwargs, name: str, index: int):
@@ -121,10 +165,11 @@ class WanAdapter(ModelAdapter):
         query = query.unflatten(2, (attn.heads, -1))
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _wan_rotary(query, *rotary_emb)
-            key = _wan_rotary(key, *rotary_emb)
-        out = attend(query, key, value)
+        rotary = None
+        if rotary_emb is not None:  # (applied by attention: _wan_rotary, or fused with k's copy into tiled order)
+            cos, sin = pair_tables(*rotary_emb, lambda c, s: (c[..., 0::2], s[..., 1::2]))  # [1, N, 1, D / 2]
+            rotary = Rotary(lambda x: _wan_rotary(x, *rotary_emb), cos, sin)
+        out = attend_rotated(attend, query, key, value, rotary)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -186,15 +231,6 @@ class HunyuanVideoAdapter(ModelAdapter):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            if single:
-                query = torch.cat([apply_rotary_emb(query[:, :-text], image_rotary_emb, sequence_dim=1),
-                                   query[:, -text:]], dim=1)
-                key = torch.cat([apply_rotary_emb(key[:, :-text], image_rotary_emb, sequence_dim=1),
-                                 key[:, -text:]], dim=1)
-            else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         if not single:
             eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
             ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
@@ -206,8 +242,18 @@ class HunyuanVideoAdapter(ModelAdapter):
             query = torch.cat([query, eq], dim=1)
             key = torch.cat([key, ek], dim=1)
             value = torch.cat([value, ev], dim=1)
+        # The stock processor rotates the video tokens only (before joining the text stream, or of the
+        # joint sequence); the same rotation of the joint sequence's video part, applied by attention.
+        rotary = None
+        if image_rotary_emb is not None:
+            def rotate(x):
+                return torch.cat([apply_rotary_emb(x[:, :-text], image_rotary_emb, sequence_dim=1), x[:, -text:]],
+                                 dim=1)
+
+            cos, sin = pair_tables(*image_rotary_emb, lambda c, s: (c[None, :, None, 0::2], s[None, :, None, 0::2]))
+            rotary = Rotary(rotate, cos, sin)
         key_valid = None if attention_mask is None else key_valid_from_mask(attention_mask)
-        out = attend(query, key, value, key_valid=key_valid)
+        out = attend_rotated(attend, query, key, value, rotary, key_valid=key_valid)
         out = out.flatten(2, 3).to(query.dtype)
         out, enc_out = out[:, :-text], out[:, -text:]
         if getattr(attn, "to_out", None) is not None:
@@ -317,13 +363,25 @@ class LTXVideoAdapter(ModelAdapter):
         query = attn.norm_q(attn.to_q(hidden_states))
         key = attn.norm_k(attn.to_k(hidden_states))
         value = attn.to_v(hidden_states)
+        heads = attn.heads
+        query = query.unflatten(2, (heads, -1))
+        key = key.unflatten(2, (heads, -1))
+        value = value.unflatten(2, (heads, -1))
+        # The stock processor rotates [B, N, H * D] before splitting the heads: the same rotation per
+        # head (pairs never straddle heads, D is even), applied by attention. LTX pads the angle list
+        # at its front by inner_dim % 6 entries (cos 1, sin 0); an odd pad would shift the pairs.
+        rotary = None
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb)
-            key = apply_rotary_emb(key, image_rotary_emb)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        out = attend(query, key, value).flatten(2, 3).to(query.dtype)
+            def rotate(x):
+                return apply_rotary_emb(x.flatten(2, 3), image_rotary_emb).unflatten(2, (heads, -1))
+
+            if image_rotary_emb[0].shape[-1] % 6 % 2:
+                query, key = rotate(query), rotate(key)
+            else:
+                cos, sin = pair_tables(*image_rotary_emb, lambda c, s: (c[..., 0::2].unflatten(-1, (heads, -1)),
+                                                                       s[..., 0::2].unflatten(-1, (heads, -1))))
+                rotary = Rotary(rotate, cos, sin)
+        out = attend_rotated(attend, query, key, value, rotary).flatten(2, 3).to(query.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
@@ -373,15 +431,20 @@ class MochiAdapter(ModelAdapter):
             eq = attn.norm_added_q(eq)
         if attn.norm_added_k is not None:
             ek = attn.norm_added_k(ek)
-        if image_rotary_emb is not None:
-            query = _mochi_rotary(query, *image_rotary_emb)
-            key = _mochi_rotary(key, *image_rotary_emb)
         n_video = query.shape[1]
+        rotary = None
+        if image_rotary_emb is not None:  # the video tokens (first in the joint sequence), applied by attention
+            def rotate(x):
+                return torch.cat([_mochi_rotary(x[:, :n_video], *image_rotary_emb), x[:, n_video:]], dim=1)
+
+            cos, sin = pair_tables(*image_rotary_emb, lambda c, s: (c[None], s[None]))  # [1, N, H, D / 2]
+            rotary = Rotary(rotate, cos, sin)
         text_valid = attention_mask.bool()  # [B, T]
         if not torch.compiler.is_compiling() and not bool((text_valid.int().diff(dim=1) <= 0).all()):
             raise ValueError("Mochi prompt masks must mark a prefix of the prompt tokens as valid")
         key_valid = torch.cat([text_valid.new_ones(text_valid.shape[0], n_video), text_valid], dim=1)
-        out = attend(torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1), key_valid=key_valid)
+        out = attend_rotated(attend, torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1),
+                             rotary, key_valid=key_valid)
         out = out.masked_fill(~key_valid[:, :, None, None], 0.0).flatten(2, 3)
         out, enc_out = out.split_with_sizes((n_video, out.shape[1] - n_video), dim=1)
         out = attn.to_out[0](out)

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from ..masks import DynamicSelection, VideoLayout, block_matrix, build, is_dynamic, spec_layout, without_temperature
-from ..ops import BlockSparseMask, default_backend, dense_attention, freeze, sparse_attention
+from ..ops import (BlockSparseMask, default_backend, dense_attention, freeze, sparse_attention, sparse_attention_tiled,
+                   tiled_keys)
 from ..ops.attention import tiled_kernel_rows
 from ..plan import SparsityPlan
 from .adapters import ModelAdapter, adapter_for, check_plan
@@ -151,15 +152,38 @@ class HeadGroup:
     head_factor: torch.Tensor | None = None
 
 
+def fuses_rotary(groups, backend, q) -> bool:
+    """Whether :func:`grouped_attention` rotates q and k itself (one pass that writes k in tiled order):
+    one group for the whole layer with a static mask, on the tiled Triton kernel (``triton``, or
+    ``auto`` on CUDA where the tiled kernel runs these blocks, as ``auto`` does for head maps)."""
+    if not (len(groups) == 1 and groups[0].heads is None and groups[0].mask is not None and groups[0].select is None):
+        return False
+    if backend == "auto" and q.device.type == "cuda":
+        from ..ops.attention import unsupported
+
+        m = groups[0].mask
+        return unsupported("triton", q.dtype, q.shape[-1], m.q_block, m.kv_block, "cuda") is None
+    return backend == "triton"
+
+
 def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None, text=None,
-                      dense=dense_attention) -> torch.Tensor:
+                      dense=dense_attention, rotary=None) -> torch.Tensor:
     """Attention of ``[B, N, H, D]`` q/k/v, each head group with its mask (dense groups: ``dense``,
     ``dense(q, k, v, key_valid=...)``, default SDPA).
 
     ``text = (start, length)``: the text queries there attend every key (dense, all heads at
     once); the groups' masks then leave those query rows empty, which keeps every mask row as short
     as its longest video row. A group's ``temperature`` applies to its heads' video queries (the text
-    queries run at temperature 1)."""
+    queries run at temperature 1).
+
+    ``rotary``: q and k are given unrotated, and this (an adapter's :class:`Rotary`) rotates them:
+    where :func:`fuses_rotary`, k is rotated and written in tiled order in one pass, v copied into
+    it, and the kernel and the text rows read those; elsewhere by the stock processor's rotation."""
+    if rotary is not None:
+        if fuses_rotary(groups, backend, q):
+            return _fused_rotary_attention(q, k, v, groups[0], token_order, key_valid, text, dense, rotary)
+        q, k = rotary.apply(q), rotary.apply(k)
+
     def run(g, qq, kk, vv):
         scale = None if g.temperature == 1.0 else qq.shape[-1] ** -0.5 / g.temperature
         if g.mask is None and g.select is None:
@@ -183,6 +207,28 @@ def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None
     if torch.is_grad_enabled() and (out.requires_grad or o_text.requires_grad):
         return torch.cat([out[:, :a], o_text, out[:, a + n:]], dim=1)  # not in place: autograd keeps out
     out[:, a:a + n] = o_text  # inference: the text rows go into the output, no second copy of it
+    return out
+
+
+def _fused_rotary_attention(q, k, v, g, token_order, key_valid, text, dense, rotary):
+    """One group, the tiled kernel: q rotated in model order, k rotated into tiled order (one pass
+    each), v copied into tiled order; the text query rows attend the same tiled keys densely."""
+    from ..ops import rope
+
+    scale = None if g.temperature == 1.0 else q.shape[-1] ** -0.5 / g.temperature
+    order = token_order if g.token_order is None else g.token_order
+    tables = (rotary.cos, rotary.sin, rotary.start)
+    kt, vt, valid = tiled_keys(q, k, v, g.mask, order, key_valid=key_valid, rotary=tables)
+    q = rope(q, *tables)
+    out = sparse_attention_tiled(q, kt, vt, g.mask, order, key_valid=key_valid, scale=scale, head_map=g.head_map,
+                                 head_factor=g.head_factor)
+    if text is None or not text[1]:
+        return out
+    a, n = text
+    o_text = dense(q[:, a:a + n], kt.transpose(1, 2), vt.transpose(1, 2), key_valid=valid.expand(q.shape[0], -1))
+    if torch.is_grad_enabled() and (out.requires_grad or o_text.requires_grad):
+        return torch.cat([out[:, :a], o_text, out[:, a + n:]], dim=1)
+    out[:, a:a + n] = o_text
     return out
 
 
@@ -247,8 +293,12 @@ class AttentionStrategy:
     ``runs(slot)`` decides, per attention call, whether the family's path runs with this strategy's
     ``attend`` (else the stock processor runs); ``attend(q, k, v, slot, key_valid)`` gets
     ``[B, N, H, D]`` tensors and returns the output in that layout; ``on_forward(binding)`` is told
-    of each transformer forward after the slots are resolved.
+    of each transformer forward after the slots are resolved. A strategy whose ``takes_rotary`` is
+    True gets q and k unrotated with ``rotary=`` the adapter's :class:`Rotary` (to fuse the rotation);
+    the others get them rotated by the stock processor's computation.
     """
+
+    takes_rotary = False
 
     def runs(self, slot: LayerSlot) -> bool:
         raise NotImplementedError
@@ -263,13 +313,15 @@ class AttentionStrategy:
 class SparseAttention(AttentionStrategy):
     """The default strategy: block-sparse attention with the slot's mask where the plan is sparse."""
 
+    takes_rotary = True
+
     def __init__(self, backend: str | None = None):
         self.backend = backend
 
     def runs(self, slot: LayerSlot) -> bool:
         return slot.groups is not None
 
-    def attend(self, q, k, v, slot: LayerSlot, key_valid=None) -> torch.Tensor:
+    def attend(self, q, k, v, slot: LayerSlot, key_valid=None, rotary=None) -> torch.Tensor:
         local = slot.layout.seq_len // slot.ulysses.degree if slot.ulysses is not None else slot.layout.seq_len
         if q.shape[1] != local:
             lay = slot.layout
@@ -281,6 +333,8 @@ class SparseAttention(AttentionStrategy):
                 f"{local}: the {type(slot.adapter).__name__} adapter reads a grid this model does not use")
         backend = self.backend or default_backend(q.device)
         if slot.ulysses is not None:  # tokens split over ranks: all tokens of this rank's heads, then back
+            if rotary is not None:  # (the tables are this rank's tokens')
+                q, k = rotary.apply(q), rotary.apply(k)
             u, heads = slot.ulysses, q.shape[2]
             qh, kh, vh = (sequence_to_heads(x, u) for x in (q, k, v))
             kv = None if key_valid is None else key_valid  # the full sequence's keys (replicated inputs)
@@ -288,7 +342,7 @@ class SparseAttention(AttentionStrategy):
                                   slot.dense)
             return heads_to_sequence(o, u, heads)
         return grouped_attention(q, k, v, slot.groups, slot.token_order, key_valid, backend, text_queries(slot.layout),
-                                 slot.dense)
+                                 slot.dense, rotary)
 
 
 class SparseAttnProcessor:
@@ -811,7 +865,12 @@ class SparseAttnProcessor:
             return slot.stock(attn, *call_args, **kwargs)
         strategy = self.attention
 
-        def attend(q, k, v, key_valid=None):
-            return strategy.attend(q, k, v, slot, key_valid)
+        if getattr(strategy, "takes_rotary", False):
+            def attend(q, k, v, key_valid=None, rotary=None):
+                return strategy.attend(q, k, v, slot, key_valid, rotary=rotary)
+            attend.takes_rotary = True
+        else:
+            def attend(q, k, v, key_valid=None):
+                return strategy.attend(q, k, v, slot, key_valid)
 
         return slot.adapter.sparse_forward(attn, attend, *call_args, **kwargs)

@@ -58,14 +58,16 @@ def block_sparse_attention_op(
     tile_rows: int = 0,
     head_map: torch.Tensor | None = None,
     head_factor: torch.Tensor | None = None,
+    kv_tiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward as one opaque op for torch.compile: (o [B, H, N, D], lse fp32 [B, H, N]).
     The tiled backend also takes the mask's query-tile lists (``BlockSparseMask.query_tiles``), and
-    optionally ``head_map`` (int32 [H]: the mask row each head reads) and ``head_factor`` (fp32 [H]:
-    each head's factor on ``scale``); the tiled backend only."""
+    optionally ``head_map`` (int32 [H]: the mask row each head reads), ``head_factor`` (fp32 [H]:
+    each head's factor on ``scale``) and ``kv_tiled`` (k and v given already in tiled order, ``[B, H,
+    L, D]`` along :func:`tiled_key_order`); the tiled backend only."""
     if backend == "triton":
         o, lse = _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale,
-                               tile_rows, q_block, kv_block, head_map, head_factor)
+                               tile_rows, q_block, kv_block, head_map, head_factor, kv_tiled)
     elif backend == "triton_gather":
         from ..kernels import block_sparse_attention_fwd
 
@@ -82,21 +84,16 @@ def block_sparse_attention_op(
 
 
 def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale, tile_rows,
-                  q_block, kv_block, head_map=None, head_factor=None):
-    """Gather k and v into contiguous tiled order (one select or gather each) and run the tiled kernel
-    over ``tile_rows``-row query tiles: it reads q and writes o and the LSE in model order itself,
-    through the padded query order, so o is laid out as the model's ``[B, N, H, D]``."""
+                  q_block, kv_block, head_map=None, head_factor=None, kv_tiled=False):
+    """Gather k and v into contiguous tiled order (one select or gather each; given so with
+    ``kv_tiled``) and run the tiled kernel over ``tile_rows``-row query tiles: it reads q and writes o
+    and the LSE in model order itself, through the padded query order, so o is laid out as the
+    model's ``[B, N, H, D]``."""
     from ..kernels import block_sparse_attention_tiled_fwd
 
-    B, H, N, D = q.shape
-    Mt = tile_counts.shape[-1]
-    step = tile_rows * kv_block // math.gcd(tile_rows, kv_block)
-    length = max(Mt * tile_rows, token_order.numel() if token_order is not None else N)
-    t = _order_tables(q, token_order, length, step, kv_block)
-    # A key order (e.g. per batch element under a key mask) has tables of its own, cached the same way.
-    kt_ = t if kv_token_order is None else _order_tables(q, kv_token_order, length, step, kv_block, keys_only=True)
+    t, kt_ = _query_and_key_tables(q, token_order, kv_token_order, tile_counts.shape[-1], tile_rows, kv_block)
     # Padding positions read token 0 (any finite row): their keys are masked.
-    kt, vt = _gather_keys(k, kt_.gather), _gather_keys(v, kt_.gather)
+    kt, vt = (k, v) if kv_tiled else (_gather_keys(k, kt_.gather), _gather_keys(v, kt_.gather))
     o, lse = block_sparse_attention_tiled_fwd(q, t.order, kt, vt, tile_counts, tile_indices, tile_flags, kt_.valid,
                                               kt_.block_pad, scale, tile_rows, q_block, kv_block, head_map,
                                               head_factor)
@@ -104,6 +101,34 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
         o.masked_fill_(t.missing[None, None, :, None], 0.0)
         lse.masked_fill_(t.missing[None, None, :], float("-inf"))
     return o, lse
+
+
+def _query_and_key_tables(q, token_order, kv_token_order, query_tiles: int, tile_rows: int, kv_block: int):
+    """The tables of the query order and of the key order (the same object without a key order) for
+    ``query_tiles`` tiles of ``tile_rows`` rows, cached per order tensor."""
+    N = q.shape[2]
+    step = tile_rows * kv_block // math.gcd(tile_rows, kv_block)
+    length = max(query_tiles * tile_rows, token_order.numel() if token_order is not None else N)
+    t = _order_tables(q, token_order, length, step, kv_block)
+    # A key order (e.g. per batch element under a key mask) has tables of its own, cached the same way.
+    kt = t if kv_token_order is None else _order_tables(q, kv_token_order, length, step, kv_block, keys_only=True)
+    return t, kt
+
+
+def tiled_key_order(q: torch.Tensor, mask: BlockSparseMask, token_order: torch.Tensor | None,
+                    kv_token_order: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 ``[L]`` (or ``[B, L]`` for a table of key orders): the padded key order along which the
+    tiled kernel reads k and v, -1 at padding and at keys no query may attend. k and v written in
+    this order (``[B, H, L, D]``, e.g. by :func:`sparse_vdit.ops.rope` with it) go to
+    :func:`block_sparse_attention` with ``kv_tiled=True`` and are never copied again. ``q [B, H, N, D]``
+    gives the length and the device."""
+    tile_rows = tiled_kernel_rows(mask.q_block)
+    tiles = mask.query_tiles(tile_rows)[0].shape[-1]
+    if torch.compiler.is_compiling():  # traced: the same padding, no caches (the op's body keeps its own)
+        step = tile_rows * mask.kv_block // math.gcd(tile_rows, mask.kv_block)
+        length = max(tiles * tile_rows, token_order.numel() if token_order is not None else q.shape[2])
+        return _tiled_orders(q, token_order, kv_token_order, length, step)[1]
+    return _query_and_key_tables(q, token_order, kv_token_order, tiles, tile_rows, mask.kv_block)[1].order
 
 
 def _gather_keys(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
@@ -184,20 +209,26 @@ def _tiled_orders(q, token_order, kv_token_order, length, step):
 
 
 def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, scale,
-                      q_block, kv_block, num_q_blocks):
-    """dq, dk, dv by the Triton backward kernels on contiguous tiled copies (gathered once)."""
+                      q_block, kv_block, num_q_blocks, kv_tiled=False):
+    """dq, dk, dv by the Triton backward kernels on contiguous tiled copies (gathered once). With
+    ``kv_tiled``, k and v come in tiled order (the forward's) and dk, dv go back in it."""
     from ..kernels import block_sparse_attention_tiled_bwd
 
     B, H, N, D = q.shape
     step = q_block * kv_block // math.gcd(q_block, kv_block)
     # Rounded up to whole query and key blocks, this covers every key block the mask can list.
     length = max(num_q_blocks * q_block, token_order.numel() if token_order is not None else N)
+    if kv_tiled:  # the forward's tiled length (a multiple of step: its tiles are multiples of the query block)
+        length = max(length, k.shape[2])
     order, kv_order = _tiled_orders(q, token_order, kv_token_order, length, step)
     Lt = order.numel()
     q_ok, kv_ok = order >= 0, kv_order >= 0
     qi, ki = order.clamp(min=0), kv_order.clamp(min=0)
     ki = ki if ki.dim() == 1 else ki.long()  # a [B, L] table: one key order per batch element
-    qt, kt, vt = q.index_select(2, qi), _gather_keys(k, ki), _gather_keys(v, ki)
+    if kv_tiled and k.shape[2] != Lt:
+        raise ValueError(f"tiled k and v have {k.shape[2]} positions, the backward's order {Lt}")
+    qt = q.index_select(2, qi)
+    kt, vt = (k.contiguous(), v.contiguous()) if kv_tiled else (_gather_keys(k, ki), _gather_keys(v, ki))
     dot = (grad_o.index_select(2, qi) * q_ok[:, None]).contiguous()
     ot = o.index_select(2, qi)
     lse_t = lse.index_select(2, qi)
@@ -209,7 +240,11 @@ def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, 
     counts_r, indices_r, counts_c, indices_c = _backward_lists(kv_counts, kv_indices, Lt // q_block, Lt // kv_block)
     dqt, dkt, dvt = block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, counts_r, indices_r, counts_c,
                                                      indices_c, kv_valid, kv_block_pad, scale, q_block, kv_block)
-    pos_q, pos_k = tiled_position(order, N), tiled_position(kv_order, N)
+    pos_q = tiled_position(order, N)
+    if kv_tiled:  # key padding has no gradient
+        pad = ~kv_ok.view(kv_ok.shape[0] if kv_ok.dim() == 2 else 1, 1, -1, 1)
+        return _back_to_model(dqt, pos_q), dkt.masked_fill(pad, 0.0), dvt.masked_fill(pad, 0.0)
+    pos_k = tiled_position(kv_order, N)
     return _back_to_model(dqt, pos_q), _back_to_model(dkt, pos_k), _back_to_model(dvt, pos_k)
 
 
@@ -242,7 +277,8 @@ def _backward_lists(kv_counts, kv_indices, rows, cols):
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, kv_counts, kv_indices, token_order, kv_token_order, scale, q_block, kv_block, num_q_blocks, backend,
-      tile_counts=None, tile_indices=None, tile_flags=None, tile_rows=0, head_map=None, head_factor=None):
+      tile_counts=None, tile_indices=None, tile_flags=None, tile_rows=0, head_map=None, head_factor=None,
+      kv_tiled=False):
     B, H, N, D = q.shape
     o = q.new_empty(B, N, H, D).transpose(1, 2) if backend == "triton" else q.new_empty(B, H, N, D)
     return o, q.new_empty(B, H, N, dtype=torch.float32)
@@ -269,12 +305,13 @@ def block_sparse_attention_bwd_op(
     kv_block: int,
     num_q_blocks: int,
     backend: str,
+    kv_tiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the forward: the Triton backward kernels (``backend`` triton) or the torch
     block-gather algebra (any other backend; exact on any device). The same function either way."""
     if backend == "triton":
         grads = _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order,
-                                  kv_token_order, scale, q_block, kv_block, num_q_blocks)
+                                  kv_token_order, scale, q_block, kv_block, num_q_blocks, kv_tiled)
     else:
         grads = torch_block_sparse_attention_bwd(grad_o, grad_lse, q, k, v, kv_counts, kv_indices, token_order,
                                                  kv_token_order, scale, q_block, kv_block, num_q_blocks)
@@ -294,9 +331,10 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     head_map = inputs[16] if len(inputs) > 16 else None
     head_factor = inputs[17] if len(inputs) > 17 else None
+    kv_tiled = bool(inputs[18]) if len(inputs) > 18 else False
     ctx.save_for_backward(q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, head_map, head_factor)
     # The Triton backward follows a Triton forward (tiled or gather: the same function).
-    ctx.meta = (scale, q_block, kv_block, num_q_blocks, "triton" if backend in TRITON_BACKENDS else "torch")
+    ctx.meta = (scale, q_block, kv_block, num_q_blocks, "triton" if backend in TRITON_BACKENDS else "torch", kv_tiled)
 
 
 def _backward(ctx, grad_o, grad_lse):
@@ -314,7 +352,7 @@ def _backward(ctx, grad_o, grad_lse):
                                                kv_token_order, *ctx.meta)
     if factor is not None:
         dq = (dq.float() * factor).to(dq.dtype)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -484,12 +522,22 @@ def _check_order(name, order, q, mask, N, per_batch: bool = False):
             raise ValueError(f"{name} values must lie in [-1, {N - 1}] (N={N}), got range [{lo}, {hi}]")
 
 
-def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_mapped: bool = False):
+def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_mapped: bool = False,
+                  kv_tiled: bool = False):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape [B, H, N, D], got {tuple(x.shape)}")
+    if kv_tiled:
+        if backend != "triton":
+            raise ValueError(f"kv_tiled (k and v already in tiled order) needs backend='triton', got {backend!r}")
+        L = tiled_key_order(q, mask, token_order, kv_token_order).shape[-1]
+        want = (*q.shape[:2], L, q.shape[3])
+        if not (tuple(k.shape) == tuple(v.shape) == want):
+            raise ValueError(f"with kv_tiled, k and v must be [B, H, L, D] = {want} in the order of tiled_key_order, "
+                             f"got {tuple(k.shape)}, {tuple(v.shape)}")
+        k = v = q  # the rest of the checks as for model-order keys
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
             "q, k and v must have the same shape [B, H, N, D] (self-attention), got "
@@ -646,6 +694,7 @@ def block_sparse_attention(
     check: bool = True,
     head_map: torch.Tensor | None = None,
     head_factor: torch.Tensor | None = None,
+    kv_tiled: bool = False,
 ):
     """Exact softmax attention over the key blocks ``mask`` lists for each query block.
 
@@ -674,19 +723,24 @@ def block_sparse_attention(
         head_factor: optional float32 ``[H]``: head ``h``'s logits are scaled by ``scale *
             head_factor[h]`` (heads at different softmax temperatures: ``1 / temperature``). The
             tiled kernel reads it per head (one launch); the other backends scale q by it.
+        kv_tiled: k and v are given in tiled order, ``[B, H, L, D]`` along :func:`tiled_key_order`
+            (written so by :func:`sparse_vdit.ops.rope`, say): the tiled kernel reads them as they are,
+            with no copy. Backend ``triton`` only (``auto`` on CUDA resolves to it).
 
     Returns:
         ``o`` ``[B, H, N, D]`` in q's dtype, and ``lse`` if ``return_lse``. A query with no visible key
         gets zeros and LSE = -inf.
     """
     backend = backend or default_backend(q.device)
+    if kv_tiled and backend == "auto" and q.device.type == "cuda":
+        backend = "triton"
     if head_map is not None:
         if check:
             _check_head_map(head_map, q, mask)
         if backend == "auto" and q.device.type == "cuda" and \
                 unsupported("triton", q.dtype, q.shape[-1], mask.q_block, mask.kv_block, "cuda") is None:
             backend = "triton"
-        if backend != "triton":
+        if backend != "triton" and not kv_tiled:
             mask, head_map = _expand_heads(mask, head_map), None
     if head_factor is not None:
         if check:
@@ -694,10 +748,11 @@ def block_sparse_attention(
         if backend == "auto" and q.device.type == "cuda" and \
                 unsupported("triton", q.dtype, q.shape[-1], mask.q_block, mask.kv_block, "cuda") is None:
             backend = "triton"
-        if backend != "triton":  # the same logits from q scaled per head (exact in the dtypes these run)
+        if backend != "triton" and not kv_tiled:  # the same logits from q scaled per head (exact in the dtypes these run)
             q, head_factor = q * head_factor.to(q.dtype).view(1, -1, 1, 1), None
     if check:
-        _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_mapped=head_map is not None)
+        _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_mapped=head_map is not None,
+                      kv_tiled=kv_tiled)
     D = q.shape[-1]
     scale = float(D ** -0.5) if scale is None else float(scale)
     if kv_token_order is not None and kv_token_order.dim() == 2:
@@ -708,12 +763,14 @@ def block_sparse_attention(
             backend = "triton"
         if backend != "triton":
             return _each_batch_element(q, k, v, mask, scale, return_lse, token_order, kv_token_order, backend)
-    if head_map is not None:  # the tiled kernel, one launch over the patterns' lists
+    if kv_tiled and backend != "triton":
+        raise ValueError(f"kv_tiled (k and v already in tiled order) needs backend='triton', got {backend!r}")
+    if head_map is not None or kv_tiled:  # the tiled kernel, one launch over the patterns' lists
         tile_rows = tiled_kernel_rows(mask.q_block)
         o, lse = block_sparse_attention_op(
             q, k, v, mask.kv_counts, mask.kv_indices, token_order, kv_token_order, scale,
             mask.q_block, mask.kv_block, mask.num_q_blocks, backend, *mask.query_tiles(tile_rows), tile_rows, head_map,
-            head_factor,
+            head_factor, kv_tiled,
         )
         return (o, lse) if return_lse else o
     if backend == "auto":

@@ -13,10 +13,11 @@ from typing import Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .attention import block_sparse_attention
+from .attention import _gather_keys, block_sparse_attention, tiled_key_order
 from .mask import BlockSparseMask
 from .mass import block_attention_mass
 from .order import freeze, key_order, table_rows
+from .rotary import rope
 
 
 def _per_batch(fn: Callable, token_order: torch.Tensor, key_valid: torch.Tensor | None, *tensors: torch.Tensor):
@@ -69,6 +70,35 @@ def sparse_attention(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, 
     return block_sparse_attention(qh, kh, vh, mask, token_order=token_order, kv_token_order=kv_order,
                                   backend=backend, scale=scale, check=check, head_map=head_map,
                                   head_factor=head_factor).transpose(1, 2)
+
+
+def tiled_keys(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, *, key_valid=None, rotary=None):
+    """``(kt, vt, valid)``: k and v of ``[B, N, H, D]`` model-order tensors written once in the tiled
+    key order the tiled kernel reads (``[B, H, L, D]``), k rotated on the way when ``rotary`` =
+    ``(cos, sin, start)`` is given (:func:`sparse_vdit.ops.rope`: one pass instead of a rotation and
+    a copy); ``valid`` bool ``[B or 1, L]``, the positions that hold a key. For
+    :func:`sparse_attention_tiled`, and for dense attention over the same keys (key order does not
+    change attention: ``dense_attention(q, kt.transpose(1, 2), vt.transpose(1, 2), key_valid=valid)``)."""
+    kv_order = None if key_valid is None else key_order_table(token_order, key_valid)
+    order = tiled_key_order(q.transpose(1, 2), mask, token_order, kv_order)
+    kt = rope(k, *rotary, order=order) if rotary is not None else _gather_keys(k.transpose(1, 2), _gather(order))
+    vt = _gather_keys(v.transpose(1, 2), _gather(order))
+    valid = order >= 0
+    return kt, vt, valid if valid.dim() == 2 else valid[None]
+
+
+def _gather(order: torch.Tensor) -> torch.Tensor:
+    return order.clamp(min=0) if order.dim() == 1 else order.clamp(min=0).long()
+
+
+def sparse_attention_tiled(q, kt, vt, mask: BlockSparseMask, token_order: torch.Tensor, *, key_valid=None,
+                           scale=None, check: bool = False, head_map=None, head_factor=None) -> torch.Tensor:
+    """:func:`sparse_attention` with k and v already in tiled order (from :func:`tiled_keys`): the
+    tiled Triton kernel only; q ``[B, N, H, D]`` in model order, output ``[B, N, H, D]``."""
+    kv_order = None if key_valid is None else key_order_table(token_order, key_valid)
+    return block_sparse_attention(q.transpose(1, 2), kt, vt, mask, token_order=token_order, kv_token_order=kv_order,
+                                  backend="triton", scale=scale, check=check, head_map=head_map,
+                                  head_factor=head_factor, kv_tiled=True).transpose(1, 2)
 
 
 def dense_attention(q, k, v, *, key_valid=None, scale=None) -> torch.Tensor:

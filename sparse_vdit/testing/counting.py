@@ -116,6 +116,9 @@ class DispatchCounter:
 
             self._patch(att, "block_sparse_attention_op",
                         _maybe_get_opdef("sparse_vdit::block_sparse_attention")._init_fn)
+            import sparse_vdit.ops.rotary as rotary
+
+            self._patch(rotary, "rope_op", _maybe_get_opdef("sparse_vdit::rope")._init_fn)
         try:
             from triton.runtime.interpreter import GridExecutor
         except ImportError:
@@ -160,9 +163,12 @@ class DispatchCounter:
         return kernel
 
 
-def attention_kernel_stubs() -> dict:
+def attention_kernel_stubs(rotary: bool = False) -> dict:
     """The attention kernels of a sparse layer call as :class:`DispatchCounter` stubs: the tiled Triton
-    launcher (o and the LSE in model order) and SDPA (dense heads and text rows)."""
+    launcher (o and the LSE in model order) and SDPA (dense heads and text rows); with ``rotary``,
+    the rotary pass too (``kernels.rope``: q in model order, or k in tiled order). The rotary op runs
+    its Triton path only on CUDA or under the interpreter: a caller that stubs it on the CPU also
+    makes ``sparse_vdit.ops.rotary._use_triton`` say yes."""
     import sparse_vdit.kernels as kernels
 
     def tiled(q, q_order, kt, vt, *rest):
@@ -172,8 +178,17 @@ def attention_kernel_stubs() -> dict:
     def sdpa(q, k, v, *args, **kwargs):
         return [((*q.shape[:-1], v.shape[-1]), q.dtype, q.device)]
 
-    return {(kernels, "block_sparse_attention_tiled_fwd"): tiled,
-            (torch.nn.functional, "scaled_dot_product_attention"): sdpa}
+    stubs = {(kernels, "block_sparse_attention_tiled_fwd"): tiled,
+             (torch.nn.functional, "scaled_dot_product_attention"): sdpa}
+    if rotary:
+        import sparse_vdit.kernels.rope as rope
+
+        def rope_fwd(x, cos, sin, start, order=None):
+            B, N, H, D = x.shape
+            return [((B, N, H, D) if order is None else (B, H, order.shape[-1], D), x.dtype, x.device)]
+
+        stubs[(rope, "rope_fwd")] = rope_fwd
+    return stubs
 
 
 # The backend entry points of a block-sparse forward, as ``sparse_vdit.ops.attention`` calls them.
