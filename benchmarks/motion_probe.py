@@ -4,7 +4,7 @@ at a few sigmas, under prompts that differ only in the direction word: the objec
 redness) in the first and last key frame, against the truth.
 
     python -m benchmarks.motion_probe                       # the shipped weights
-    python -m benchmarks.motion_probe --weights DIR         # a checkpoint of train_shapes
+    python -m benchmarks.motion_probe --weights DIR         # a checkpoint of train_shapes (its text encoder too, if trained)
     python -m benchmarks.motion_probe --first-frame-sigma 0 # the first key frame clean, the rest at each sigma
 
 With ``--first-frame-sigma`` the first key frame is noised less than the others (per-token timesteps,
@@ -42,13 +42,13 @@ def _video(seed: int = 0):
     return x0, torch.randn(x0.shape, generator=g)
 
 
-def sensitivity(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS) -> None:
+def sensitivity(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS, weights=None) -> None:
     """L2 change of the prediction when the prompt's direction, colour or shape word is swapped, or the
     prompt is empty, for one noised training video of "a red circle moves right"."""
     prompts = {"base": "a red circle moves right", "direction (left)": "a red circle moves left",
                "colour (blue)": "a blue circle moves right", "shape (square)": "a red square moves right",
                "empty prompt": ""}
-    embeds = train_shapes.encode_prompts(list(prompts.values()), text_tokens)
+    embeds = train_shapes.encode_prompts(list(prompts.values()), text_tokens, weights)
     x0, noise = _video()
     for sigma in sigmas:
         xt = (1 - sigma) * x0 + sigma * noise
@@ -59,10 +59,10 @@ def sensitivity(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS) -> Non
         print(f"sigma {sigma}: prediction norm {float(preds[0].norm()):.1f}; change when swapping: {changes}")
 
 
-def cross_attention(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS) -> None:
+def cross_attention(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS, weights=None) -> None:
     """Mean cross-attention probability of the video tokens on each text token (per layer, per head)."""
     prompt = "a red circle moves right"
-    embeds = train_shapes.encode_prompts([prompt], text_tokens)
+    embeds = train_shapes.encode_prompts([prompt], text_tokens, weights)
     words = prompt.split() + ["</s>", f"padding ({text_tokens - 6}, summed)"]
     x0, noise = _video()
     found = []
@@ -106,12 +106,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     model = shapes.learned_wan_pipeline(args.weights).transformer
     if args.sensitivity:
-        sensitivity(model, args.sigmas, args.text_tokens)
+        sensitivity(model, args.sigmas, args.text_tokens, args.weights)
     if args.cross_attention:
-        cross_attention(model, args.sigmas, args.text_tokens)
+        cross_attention(model, args.sigmas, args.text_tokens, args.weights)
     if args.sensitivity or args.cross_attention:
         return
-    embeds = train_shapes.encode_prompts(PROMPTS, args.text_tokens)
+    embeds = train_shapes.encode_prompts(PROMPTS, args.text_tokens, args.weights)
     g = torch.Generator().manual_seed(0)
     x0 = shapes.batch([shapes.Scene("red", "circle", "right")], g)
     noise = torch.randn(x0.shape, generator=g)

@@ -150,10 +150,17 @@ def _frame_vae_class():
 
 
 # ---------------------------------------------------------------------------- the pipeline
-def shapes_text_encoder():
-    """The frozen tokenizer and text encoder the learned model was trained with."""
+def shapes_text_encoder(weights: str | Path | None = None):
+    """The tokenizer and text encoder the learned model was trained with: the encoder trained with it
+    where the weights folder holds one (``text_encoder/``, ``train_shapes --train-text``), else the
+    frozen random one (seed 7)."""
     from .text import tiny_text_encoder, tiny_tokenizer
 
+    path = (Path(weights) if weights is not None else WEIGHTS_DIR) / "text_encoder"
+    if (path / "config.json").exists():
+        from transformers import UMT5EncoderModel
+
+        return tiny_tokenizer(), UMT5EncoderModel.from_pretrained(path).eval()
     return tiny_tokenizer(), tiny_text_encoder(LEARNED_WAN_CONFIG["text_dim"], seed=7)
 
 
@@ -174,7 +181,7 @@ def learned_wan_pipeline(weights: str | Path | None = None, dtype: torch.dtype =
         raise FileNotFoundError(f"no learned weights at {path}: train them with "
                                 "`python -m sparse_vdit.testing.train_shapes --out {path}`")
     transformer = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype).eval()
-    tokenizer, encoder = shapes_text_encoder()
+    tokenizer, encoder = shapes_text_encoder(path)
     return WanPipeline(tokenizer=tokenizer, text_encoder=encoder.to(dtype), transformer=transformer,
                        vae=frame_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
 

@@ -45,11 +45,12 @@ import torch
 from . import shapes
 
 
-def encode_prompts(prompts, max_sequence_length: int = shapes.MAX_TEXT_TOKENS) -> torch.Tensor:
-    """``[len(prompts), max_sequence_length, text_dim]`` as ``WanPipeline.encode_prompt`` makes them."""
+def encode_prompts(prompts, max_sequence_length: int = shapes.MAX_TEXT_TOKENS, weights=None) -> torch.Tensor:
+    """``[len(prompts), max_sequence_length, text_dim]`` as ``WanPipeline.encode_prompt`` makes them
+    (with the text encoder of the ``weights`` folder, default the shipped one)."""
     from diffusers import WanPipeline
 
-    tokenizer, encoder = shapes.shapes_text_encoder()
+    tokenizer, encoder = shapes.shapes_text_encoder(weights)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=None, vae=None, scheduler=None)
     with torch.no_grad():
         embeds, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False,
@@ -108,7 +109,8 @@ def weighted_loss(pred: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, ob
 def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 0, out: Path | None = None,
           log_every: int = 50, threads: int | None = None, frame_noise: float = 0.0, anchor: float = 0.0,
           short_steps: int = 0, short_frames: int = 4, object_weight: float = 0.0,
-          text_tokens: int = shapes.MAX_TEXT_TOKENS) -> list[tuple[int, float]]:
+          text_tokens: int = shapes.MAX_TEXT_TOKENS, config: dict | None = None,
+          train_text: bool = False) -> list[tuple[int, float]]:
     """``short_steps`` of the ``steps`` train on clips of ``short_frames`` key frames, ``FRAMES //
     short_frames`` times as many of them a step (the same number of tokens, a cheaper step: attention
     is quadratic in them); the rest on whole videos. Motion is relative (RoPE positions), so what a
@@ -118,17 +120,27 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**shapes.LEARNED_WAN_CONFIG).train()
+    model = WanTransformer3DModel(**{**shapes.LEARNED_WAN_CONFIG, **(config or {})}).train()
     scenes = shapes.TRAIN_SCENES
-    embeds = encode_prompts([sc.prompt for sc in scenes] + [""], text_tokens)
-    empty = embeds[-1]
-    embeds = embeds[:-1]
+    prompts = [sc.prompt for sc in scenes] + [""]
+    encoder = None
+    if train_text:  # the text encoder trains with the transformer, from the frozen one's weights
+        tokenizer, encoder = shapes.shapes_text_encoder(Path("/nonexistent"))
+        encoder.train()
+        tok = tokenizer(prompts, padding="max_length", max_length=text_tokens, truncation=True,
+                        add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids, keep = tok.input_ids, tok.attention_mask
+    else:
+        embeds = encode_prompts(prompts, text_tokens, weights=Path("/nonexistent"))
+        empty = embeds[-1]
+        embeds = embeds[:-1]
     params = sum(p.numel() for p in model.parameters())
     print(f"train_shapes: {params / 1e6:.2f} M parameters, {len(scenes)} training scenes "
           f"({len(shapes.HELD_OUT)} held out), {steps} steps ({short_steps} of them on {short_frames}-frame "
           f"clips), {batch_size} videos a step, anchor share {anchor}, object weight {object_weight}, seed {seed}",
           flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    params = list(model.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     warmup = min(200, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / max(warmup, 1)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
@@ -139,9 +151,14 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
         n = batch_size * max(1, shapes.FRAMES // frames)
         pick = torch.randint(len(scenes), (n,), generator=g)
         x0 = clips(shapes.batch([scenes[i] for i in pick.tolist()], g), frames, g)
-        text = embeds[pick].clone()
         drop = torch.rand(n, generator=g) < 0.1
-        text[drop] = empty
+        if encoder is not None:
+            which = torch.where(drop, torch.full_like(pick, len(scenes)), pick)
+            # as WanPipeline encodes: the encoder's states at the prompt's tokens, zeros after them
+            text = encoder(ids[which], keep[which]).last_hidden_state * keep[which, :, None]
+        else:
+            text = embeds[pick].clone()
+            text[drop] = empty
         sigma = noise_levels(n, frames, g, frame_noise, anchor)  # [n, frames]
         noise = torch.randn(x0.shape, generator=g)
         s = sigma.view(n, 1, frames, 1, 1)
@@ -154,7 +171,7 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
         loss = weighted_loss(pred, noise - x0, x0, object_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         window.append(loss.item())
@@ -172,16 +189,22 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
                     meta["text_tokens"] = text_tokens
                 if frame_noise:
                     meta["frame_noise"] = frame_noise
-                save(model, out, curve, meta)
+                if config:
+                    meta["config"] = config
+                if encoder is not None:
+                    meta["train_text"] = True
+                save(model, out, curve, meta, encoder)
     return curve
 
 
-def save(model, out: Path, curve, meta) -> None:
+def save(model, out: Path, curve, meta, encoder=None) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(out)
     model.train()
+    if encoder is not None:
+        encoder.save_pretrained(out / "text_encoder")
     (out / "loss.json").write_text(json.dumps({**meta, "curve": curve}, indent=0) + "\n")
 
 
@@ -202,6 +225,13 @@ def main(argv=None) -> None:
     ap.add_argument("--text-tokens", type=int, default=shapes.MAX_TEXT_TOKENS,
                     help="text tokens a prompt is padded to (an experiment: fewer padding keys to sink "
                          f"cross-attention into; default {shapes.MAX_TEXT_TOKENS}, as shipped; prompts have at most 6)")
+    ap.add_argument("--heads", type=int, default=None,
+                    help=f"attention heads (an experiment; default {shapes.LEARNED_WAN_CONFIG['num_attention_heads']}, as shipped)")
+    ap.add_argument("--head-dim", type=int, default=None,
+                    help=f"head dimension (an experiment; default {shapes.LEARNED_WAN_CONFIG['attention_head_dim']}, "
+                         "as shipped: RoPE gives each spatial axis 2 * (head_dim // 6) of it)")
+    ap.add_argument("--train-text", action="store_true",
+                    help="train the text encoder with the transformer (an experiment; default frozen, as shipped)")
     ap.add_argument("--short-frames", type=int, default=4, help="key frames of a short clip")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=shapes.WEIGHTS_DIR,
@@ -209,7 +239,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     train(a.steps, a.batch_size, a.lr, a.seed, a.out, threads=a.threads, frame_noise=a.frame_noise,
           anchor=a.anchor, short_steps=a.short_steps, short_frames=a.short_frames,
-          object_weight=a.object_weight, text_tokens=a.text_tokens)
+          object_weight=a.object_weight, text_tokens=a.text_tokens,
+          config={k: v for k, v in (("num_attention_heads", a.heads), ("attention_head_dim", a.head_dim)) if v},
+          train_text=a.train_text)
     print(f"train_shapes: weights written to {a.out}")
 
 
