@@ -78,6 +78,11 @@ class _Gathered:
 _GATHER_PLANS = WeakIdKeyDictionary()
 _SNAPSHOT_PLANS = SnapshotCache()  # the same plans for tensors that are not frozen (ops.order)
 GATHER_CHUNK_BYTES = 1 << 25  # gathered keys (and as much for values) per fused attention call
+# Query rows a gather serves at least: smaller query blocks are merged into tiles of this many rows
+# (the union of their key blocks, each row masked to its own block's), so that a key block is gathered
+# once for the tile, not once per query block, and the fused kernel gets longer query runs.
+MERGED_ROWS = 64
+MERGED_MASK_ELEMENTS = 1 << 27  # the merged tiles' row masks at most this many elements, else no merge
 
 
 class _GatherPlan:
@@ -101,20 +106,37 @@ class _GatherPlan:
             k_order = torch.cat([k_order, torch.where(extra < N, extra, torch.full_like(extra, -1))])
         elif Lk > L:
             k_order = torch.nn.functional.pad(k_order, (0, Lk - L), value=-1)
-        self.L, self.Lk, self.Mk, self.Mq = L, Lk, Mk, num_q_blocks
-        self.q_gather = order.clamp(min=0)[: num_q_blocks * q_block]
+        self.L, self.Lk, self.Mk = L, Lk, Mk
         self.kv_gather = k_order.clamp(min=0)
         key_valid = k_order >= 0  # [Lk]
         Bm, Hm, Mq = kv_counts.shape
         K = kv_indices.shape[-1]
         idx = kv_indices.long().clamp(0, Mk - 1).expand(B if Bm == 1 else Bm, H if Hm == 1 else Hm, Mq, K)
         slot_ok = (torch.arange(K, device=device) < kv_counts.long().unsqueeze(-1)).expand_as(idx)
+        sub = None  # merged tiles: [B, H, Mt, K, m], which query block of a tile visits each listed key block
+        m = MERGED_ROWS // q_block if q_block < MERGED_ROWS and MERGED_ROWS % q_block == 0 else 1
+        if m > 1 and device.type == "cpu":
+            merged = _merge_query_blocks(idx, slot_ok, Mq, Mk, m)
+            if merged[0].shape[2] * B * H * m * q_block * merged[0].shape[-1] * kv_block <= MERGED_MASK_ELEMENTS:
+                idx, slot_ok, sub = merged
+        self.merge = 1 if sub is None else m
+        self.rows = q_block * self.merge  # query rows per gathered row
+        self.Mq = -(-num_q_blocks // self.merge)  # gathered rows per (batch, head)
+        q_pos = order.clamp(min=0)[: num_q_blocks * q_block]
+        self.q_gather = torch.nn.functional.pad(q_pos, (0, self.Mq * self.rows - q_pos.numel()))  # pad rows read token 0
+        K = idx.shape[-1]
         base = (torch.arange(B, device=device).view(B, 1, 1, 1) * H + torch.arange(H, device=device).view(1, H, 1, 1))
         self.block_rows = (base * Mk + idx).reshape(-1)  # [B * H * Mq * K] rows of the [B*H*Mk, bk*D] view
         tok = idx.unsqueeze(-1) * kv_block + torch.arange(kv_block, device=device)  # [B, H, Mq, K, bk]
-        visible = (slot_ok.unsqueeze(-1) & key_valid[tok]).reshape(B * H * Mq, 1, 1, K * kv_block)
+        keys = slot_ok.unsqueeze(-1) & key_valid[tok]  # [B, H, Mq, K, bk]
+        R = B * H * self.Mq
+        if sub is None:
+            visible = keys.reshape(R, 1, 1, K * kv_block)
+        else:  # each query row sees the listed key blocks of its own query block only (exact)
+            rows_vis = sub.permute(0, 1, 2, 4, 3).repeat_interleave(q_block, dim=3)  # [B, H, Mt, rows, K]
+            visible = (rows_vis.unsqueeze(-1) & keys.unsqueeze(3)).reshape(R, 1, self.rows, K * kv_block)
         self.visible = visible
-        self.empty = ~visible.flatten(1).any(-1)  # [B*H*Mq]: query blocks that see no key
+        self.empty = ~visible.any(-1)  # [R, 1, rows or 1]: query rows that see no key
         self.pos = tiled_position(order, N)  # [N] tiled position of each model token, -1 where left out
         self.missing = self.pos < 0
         self.pos = self.pos.clamp(min=0)
@@ -145,6 +167,25 @@ class _GatherPlan:
             self._chunks.clear()
             self._chunks[key] = made
         return self._chunks[key]
+
+
+def _merge_query_blocks(idx, slot_ok, Mq: int, Mk: int, m: int):
+    """The key-block lists of tiles of ``m`` consecutive query blocks: (indices [B, H, Mt, Kt], slot
+    validity, and which of the tile's query blocks visits each listed block [B, H, Mt, Kt, m])."""
+    from .mask import blocks_to_indices
+
+    B, H = idx.shape[:2]
+    Mt = -(-Mq // m)
+    dense = torch.zeros(B, H, Mt * m, Mk + 1, dtype=torch.bool, device=idx.device)
+    dense[:, :, :Mq].scatter_(-1, torch.where(slot_ok, idx, torch.full_like(idx, Mk)), True)
+    dense = dense[..., :Mk].view(B, H, Mt, m, Mk)
+    union = dense.any(3)
+    width = max(int(union.sum(-1).max()), 1)  # (read back once per plan)
+    counts, indices = blocks_to_indices(union, width)
+    indices = indices.long()
+    ok = torch.arange(width, device=idx.device) < counts.long().unsqueeze(-1)
+    sub = torch.gather(dense.transpose(3, 4), 3, indices.unsqueeze(-1).expand(B, H, Mt, width, m)) & ok.unsqueeze(-1)
+    return indices, ok, sub
 
 
 def _gather_plan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N):
@@ -215,13 +256,13 @@ def torch_block_sparse_attention(
     B, H, N, D = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     plan = _gather_plan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N)
-    Mq, Mk = num_q_blocks, plan.Mk
-    qt = q.to(compute).index_select(2, plan.q_gather).view(B * H * Mq, 1, q_block, D)
+    Mq, Mk, rows_per = plan.Mq, plan.Mk, plan.rows  # gathered rows (query blocks, or merged tiles of them)
+    qt = q.to(compute).index_select(2, plan.q_gather).view(B * H * Mq, 1, rows_per, D)
     kt = k.to(compute).index_select(2, plan.kv_gather).view(B * H * Mk, kv_block * D)
     vt = v.to(compute).index_select(2, plan.kv_gather).view(B * H * Mk, kv_block * D)
     R = B * H * Mq
-    out = torch.zeros(R, 1, q_block, D, dtype=compute, device=q.device)  # rows that visit nothing stay 0
-    lse = torch.zeros(R, 1, q_block, dtype=torch.float32, device=q.device)
+    out = torch.zeros(R, 1, rows_per, D, dtype=compute, device=q.device)  # rows that visit nothing stay 0
+    lse = torch.zeros(R, 1, rows_per, dtype=torch.float32, device=q.device)
     chunks = plan.chunks(kv_block * D * qt.element_size(), compute)
     # One buffer each for the gathered keys and values, written in place chunk after chunk: fresh
     # allocations of this size cost more in page faults than the gather itself.
@@ -235,9 +276,9 @@ def torch_block_sparse_attention(
         o_c, lse_c = _attend(qt.index_select(0, rows), kg, vg, additive, visible, scale)
         out.index_copy_(0, rows, o_c)
         lse.index_copy_(0, rows, lse_c.float())
-    lse = lse.masked_fill(plan.empty.view(R, 1, 1), float("-inf"))  # the fused kernel leaves 0 there
-    o = out.view(B, H, Mq * q_block, D).index_select(2, plan.pos).masked_fill(plan.missing[:, None], 0.0)
-    lse = lse.view(B, H, Mq * q_block).index_select(2, plan.pos).masked_fill(plan.missing, float("-inf"))
+    lse = lse.masked_fill(plan.empty, float("-inf"))  # the fused kernel leaves 0 there (and 0 output)
+    o = out.view(B, H, Mq * rows_per, D).index_select(2, plan.pos).masked_fill(plan.missing[:, None], 0.0)
+    lse = lse.view(B, H, Mq * rows_per).index_select(2, plan.pos).masked_fill(plan.missing, float("-inf"))
     return o.to(q.dtype), lse
 
 
