@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_suite.sh e2e          # denoising-step speed of real-size transformers
 #   bash benchmarks/gpu_suite.sh calibration  # calibration wall time at Wan2.1-1.3B size (4 prompts, 50 steps)
 #   bash benchmarks/gpu_suite.sh backward     # fwd+bwd vs FlexAttention and SDPA at the Wan2.1-1.3B shape
+#   bash benchmarks/gpu_suite.sh overhead     # whole sparse layer calls (seam, stock rotation, fused rotary) vs the kernel alone
 #   bash benchmarks/gpu_suite.sh static       # compile table for sm_80 .. sm_120 (no GPU needed)
 # A machine without diffusers and no network: put wheels in .whl/ (diffusers, transformers, accelerate,
 # huggingface_hub, tokenizers, safetensors, regex, tqdm, ...); they are installed to /tmp/site.
@@ -50,7 +51,8 @@ case "${1:-}" in
   calibration) part bench_calibration 600 python3 -m benchmarks.bench_calibration ;;
   backward) part bench_backward 600 python3 -m benchmarks.bench_backward ;;
   static) part bench_static 600 python3 -m benchmarks.bench_static ;;
-  *) echo "usage: $0 {all|first|tests|kernel|e2e|calibration|backward|static}" >&2; exit 2 ;;
+  overhead) part bench_overhead_gpu 300 python3 -m benchmarks.bench_overhead --part gpu --shapes wan2.1-1.3b hunyuan-720p --reps 10 ;;
+  *) echo "usage: $0 {all|first|tests|kernel|e2e|calibration|backward|static|overhead}" >&2; exit 2 ;;
 esac
 cp benchmarks/results/*.json benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null || true
 exit $rc

@@ -172,3 +172,15 @@ def test_tiled_kernel_writes_the_model_layout_itself(text, where):
     rows = torch.arange(layout.seq_len) != 3
     assert (oh - ref_o).abs()[:, :, rows].max() < 1e-5
     assert (lse - ref_lse).abs()[:, :, rows].max() < 1e-5
+
+
+def test_gpu_part_of_the_overhead_bench_runs(monkeypatch):
+    """``bench overhead --part gpu`` as a smoke run on the CPU (interpreter, a tiny shape, key mask
+    and text): every timing is there, so a lent GPU's few minutes are not lost to a typo. Its
+    numbers mean nothing here."""
+    from benchmarks.bench_overhead import GPU_WINDOWS, gpu_rows
+
+    rows = gpu_rows("tiny", 1, device="cpu", shape=(1, (2, 8, 8), 2, 16, 4, "after", True))
+    assert len(rows) == len(GPU_WINDOWS)
+    for row in rows:
+        assert all(row[k] > 0 for k in ("kernel_ms", "seam_ms", "stock_rotation_then_seam_ms", "fused_rotary_ms"))
