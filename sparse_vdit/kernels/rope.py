@@ -91,6 +91,6 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
         *x.stride(), *so, *_table_strides(cos), rb,
         H, P, start, cos.shape[1], D // 2,
         BLOCK_P=block_p, BLOCK_J=triton.next_power_of_2(max(D // 2, 1)), HAS_ORDER=order is not None,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=False,  # no FMA contraction: x1 * c - x2 * s rounds as torch's fp32 rotation does
     )
     return out
