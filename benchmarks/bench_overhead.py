@@ -66,7 +66,7 @@ def main(argv=None):
     return common.cli_main(__doc__, add_arguments, run, argv)
 
 
-def _rotary(kind: str, N: int, text: int, D: int):
+def _rotary(N: int, text: int, D: int):
     """A Wan-style (no text) or HunyuanVideo-style (text after the video, not rotated) rotary embedding
     of N tokens, as the adapters hand it to attention: the stock processor's rotation and its pair tables."""
     from diffusers.models.embeddings import apply_rotary_emb
@@ -107,7 +107,7 @@ def seam_row(name: str, specs: list[dict], dtype: torch.dtype, rotary: str | Non
     if key_mask:
         key_valid = torch.ones(B, N, dtype=torch.bool)
         key_valid[:, N - text // 2:] = False  # the padded half of the text
-    rot = None if rotary is None else _rotary(rotary, N, text, D)
+    rot = None if rotary is None else _rotary(N, text, D)
     rot_bytes = [0]  # bytes the rotation writes (the stock processor writes rotated q and k too)
     stubs = attention_kernel_stubs(rotary=True)
     rope_stub = stubs[next(key for key in stubs if key[1] == "rope_fwd")]
@@ -206,7 +206,7 @@ def gpu_rows(name: str, reps: int, device: str = "cuda", shape: tuple | None = N
     if key_mask:
         key_valid = torch.ones(B, N, dtype=torch.bool, device=dev)
         key_valid[:, N - text // 2:] = False
-    rot = _rotary_on(_rotary("gpu", N, text, D), dev)
+    rot = _rotary_on(_rotary(N, text, D), dev)
     rows = []
     for window in GPU_WINDOWS:
         spec = {"kind": "sliding_tile", "window": window}

@@ -15,7 +15,6 @@ The README's "A model that learned to attend" reports these three runs (experime
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -26,31 +25,17 @@ from sparse_vdit.testing import shapes, train_shapes
 def scrolling_render(scene: shapes.Scene, generator: torch.Generator) -> torch.Tensor:
     """As :func:`shapes.render` (the same draws), with the background stripes (amplitude 0.3) moving
     with the object: every pixel of a frame moves from one key frame to the next."""
-    u = torch.rand(6, generator=generator)
-    dy, dx = shapes.DIRECTIONS[scene.direction]
-    frames, size, radius = shapes.FRAMES, shapes.SIZE, shapes.RADIUS
-    travel, margin = shapes.SPEED * (frames - 1), radius + 1.0
-    lo_y, hi_y = margin + travel * max(-dy, 0), size - margin - travel * max(dy, 0)
-    lo_x, hi_x = margin + travel * max(-dx, 0), size - margin - travel * max(dx, 0)
-    y0, x0 = lo_y + (hi_y - lo_y) * float(u[0]), lo_x + (hi_x - lo_x) * float(u[1])
-    speed = shapes.SPEED * (0.9 + 0.2 * float(u[2]))
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32) + 0.5,
-                            torch.arange(size, dtype=torch.float32) + 0.5, indexing="ij")
-    angle, period, phase = math.pi * float(u[3]), 6.0 + 6.0 * float(u[4]), 2 * math.pi * float(u[5])
-    video = torch.empty(3, frames, size, size)
+    d = shapes.draws(scene, generator)
+    ys, xs = shapes.pixel_grid()
+    video = torch.empty(3, shapes.FRAMES, shapes.SIZE, shapes.SIZE)
     colour = torch.tensor(shapes.COLOURS[scene.colour]).view(3, 1, 1)
-    for t in range(frames):
-        sy, sx = dy * speed * t, dx * speed * t
-        stripes = 0.3 * torch.sin(((xs - sx) * math.cos(angle) + (ys - sy) * math.sin(angle)) * 2 * math.pi / period
-                                  + phase)
-        frame = (stripes - 0.1).expand(3, size, size).clone()
-        cy, cx = y0 + sy, x0 + sx
-        d = torch.sqrt((ys - cy) ** 2 + (xs - cx) ** 2) - radius if scene.shape == "circle" else \
-            torch.maximum((ys - cy).abs(), (xs - cx).abs()) - radius * 0.9
-        cover = (0.5 - d).clamp(0, 1)
-        video[:, t] = frame * (1 - cover) + colour * cover
+    for t in range(shapes.FRAMES):
+        cy, cx = d.centre(t)
+        sy, sx = cy - d.y0, cx - d.x0  # the stripes move as the object does
+        frame = (shapes.stripes(d, ys - sy, xs - sx, amplitude=0.3) - 0.1).expand(3, shapes.SIZE, shapes.SIZE)
+        c = shapes.cover(scene.shape, ys, xs, cy, cx)
+        video[:, t] = frame * (1 - c) + colour * c
     return video
-
 
 def _red_x(frame: torch.Tensor) -> float:
     red = (frame[0] - frame[1]).clamp(min=0)

@@ -200,6 +200,12 @@ def grouped_attention(q, k, v, groups, token_order, key_valid=None, backend=None
         out = torch.empty_like(q)
         for g in groups:
             out[:, :, g.heads] = run(g, q[:, :, g.heads], k[:, :, g.heads], v[:, :, g.heads])
+    return _with_text_rows(out, q, k, v, text, dense, key_valid)
+
+
+def _with_text_rows(out, q, k, v, text, dense, key_valid):
+    """``out`` with the text query rows ``text = (start, length)`` attending every key densely (k, v
+    and ``key_valid`` in any one order of the keys: attention does not depend on it)."""
     if text is None or not text[1]:
         return out
     a, n = text
@@ -222,14 +228,7 @@ def _fused_rotary_attention(q, k, v, g, token_order, key_valid, text, dense, rot
     q = rope(q, *tables)
     out = sparse_attention_tiled(q, kt, vt, g.mask, order, key_valid=key_valid, scale=scale, head_map=g.head_map,
                                  head_factor=g.head_factor)
-    if text is None or not text[1]:
-        return out
-    a, n = text
-    o_text = dense(q[:, a:a + n], kt.transpose(1, 2), vt.transpose(1, 2), key_valid=valid.expand(q.shape[0], -1))
-    if torch.is_grad_enabled() and (out.requires_grad or o_text.requires_grad):
-        return torch.cat([out[:, :a], o_text, out[:, a + n:]], dim=1)
-    out[:, a:a + n] = o_text
-    return out
+    return _with_text_rows(out, q, kt.transpose(1, 2), vt.transpose(1, 2), text, dense, valid.expand(q.shape[0], -1))
 
 
 def diffusers_dense(backend):

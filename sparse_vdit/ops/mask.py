@@ -21,6 +21,26 @@ def blocks_to_indices(blocks: torch.Tensor, width: int | None = None) -> tuple[t
     return counts.contiguous(), indices.contiguous()
 
 
+def tile_lists(dense: torch.Tensor, R: int, width: int | None = None):
+    """The key-block lists of tiles of ``R`` consecutive query blocks of a boolean block matrix
+    ``dense [..., Mq, Mk]``: (counts int32 [..., Mt], indices int32 [..., Mt, width], flags int32
+    [..., Mt, width]), each tile's key blocks (the union of its query blocks', in increasing order) and
+    per entry the bit field of its query blocks that visit it (bit r: the tile's r-th). Mt covers Mq
+    rounded up to whole tiles; ``width`` defaults to the longest tile (a read-back)."""
+    *lead, Mq, Mk = dense.shape
+    Mt = -(-Mq // R)
+    padded = dense.new_zeros(*lead, Mt * R, Mk)
+    padded[..., :Mq, :] = dense
+    sub = padded.view(*lead, Mt, R, Mk)
+    union = sub.any(dim=-2)
+    width = max(int(union.sum(-1).max()), 1) if width is None else width
+    counts, indices = blocks_to_indices(union, width)
+    bits = (sub.to(torch.int32) << torch.arange(R, device=dense.device, dtype=torch.int32)[:, None]).sum(-2)
+    flags = torch.gather(bits, -1, indices.long()).to(torch.int32)
+    valid = torch.arange(width, device=dense.device) < counts.unsqueeze(-1)
+    return counts, indices, torch.where(valid, flags, torch.zeros_like(flags)).contiguous()
+
+
 def block_lookup_mask_mod(blocks: torch.Tensor, q_block: int, kv_block: int, key_ok: torch.Tensor | None = None):
     """A FlexAttention ``mask_mod`` that looks tokens up in a block matrix ``[Bm, H, Mq, Mk]``
     (broadcast over batch / heads where that dimension is 1); ``key_ok`` (bool [L]) also rules keys out."""
@@ -177,18 +197,8 @@ class BlockSparseMask:
             R = tile_rows // self.q_block
             if R > 16:
                 raise ValueError(f"a query tile may span at most 16 mask query blocks, got {R}")
-            Bm, H, Mq, Mk = self.shape
-            Mt = -(-Mq // R)
-            dense = torch.zeros(Bm, H, Mt * R, Mk, dtype=torch.bool, device=self.device)
-            dense[:, :, :Mq] = self.to_dense()
-            sub = dense.view(Bm, H, Mt, R, Mk)
-            union = sub.any(dim=3)
-            width = min(Mk, R * self.kv_indices.shape[-1]) if self.selected else max(int(union.sum(-1).max()), 1)
-            counts, indices = blocks_to_indices(union, width)
-            bits = (sub.to(torch.int32) << torch.arange(R, device=self.device, dtype=torch.int32)[:, None]).sum(3)
-            flags = torch.gather(bits, -1, indices.long()).to(torch.int32)
-            valid = torch.arange(width, device=self.device) < counts.unsqueeze(-1)
-            self._derived[key] = (counts, indices, torch.where(valid, flags, torch.zeros_like(flags)).contiguous())
+            width = min(self.shape[3], R * self.kv_indices.shape[-1]) if self.selected else None
+            self._derived[key] = tile_lists(self.to_dense(), R, width)
         return self._derived[key]
 
     def to(self, device) -> "BlockSparseMask":

@@ -81,14 +81,11 @@ def tiled_keys(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, *, key
     change attention: ``dense_attention(q, kt.transpose(1, 2), vt.transpose(1, 2), key_valid=valid)``)."""
     kv_order = None if key_valid is None else key_order_table(token_order, key_valid)
     order = tiled_key_order(q.transpose(1, 2), mask, token_order, kv_order)
-    kt = rope(k, *rotary, order=order) if rotary is not None else _gather_keys(k.transpose(1, 2), _gather(order))
-    vt = _gather_keys(v.transpose(1, 2), _gather(order))
+    gather = order.clamp(min=0) if order.dim() == 1 else order.clamp(min=0).long()  # padding reads token 0 (masked)
+    kt = rope(k, *rotary, order=order) if rotary is not None else _gather_keys(k.transpose(1, 2), gather)
+    vt = _gather_keys(v.transpose(1, 2), gather)
     valid = order >= 0
     return kt, vt, valid if valid.dim() == 2 else valid[None]
-
-
-def _gather(order: torch.Tensor) -> torch.Tensor:
-    return order.clamp(min=0) if order.dim() == 1 else order.clamp(min=0).long()
 
 
 def sparse_attention_tiled(q, kt, vt, mask: BlockSparseMask, token_order: torch.Tensor, *, key_valid=None,

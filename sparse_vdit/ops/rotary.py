@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from .attention import _back_to_model, _gather_keys
 from .order import tiled_position
 
 
@@ -41,14 +42,9 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int
 
 def _to_order(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``y [B, N, H, D]`` (model order) at the positions of ``order`` as ``[B, H, L, D]``, zeros at padding."""
-    B, N, H, D = y.shape
-    yh = y.transpose(1, 2)
-    idx = order.clamp(min=0).long()
-    if order.dim() == 1:
-        out = yh.index_select(2, idx)
-        return out.masked_fill((order < 0).view(1, 1, -1, 1), 0.0).contiguous()
-    idx = idx.view(order.shape[0], 1, -1, 1).expand(B, H, order.shape[-1], D)
-    return torch.gather(yh, 2, idx).masked_fill((order < 0).view(order.shape[0], 1, -1, 1), 0.0).contiguous()
+    idx = order.clamp(min=0) if order.dim() == 1 else order.clamp(min=0).long()
+    pad = (order < 0).view(order.shape[0] if order.dim() == 2 else 1, 1, -1, 1)
+    return _gather_keys(y.transpose(1, 2), idx).masked_fill(pad, 0.0).contiguous()
 
 
 @torch.library.custom_op("sparse_vdit::rope", mutates_args=())
@@ -81,12 +77,7 @@ def _backward(ctx, grad):
     cos, sin, order = ctx.saved_tensors
     start, N = ctx.meta
     if order is not None:  # back to model order: each token from its tiled position (none: zero)
-        pos = tiled_position(order, N)
-        B, H = grad.shape[:2]
-        gh = grad.index_select(2, pos.clamp(min=0)) if pos.dim() == 1 else \
-            torch.gather(grad, 2, pos.clamp(min=0).view(B, 1, -1, 1).expand(B, H, N, grad.shape[-1]))
-        gh = gh.masked_fill((pos < 0).view(pos.shape[0] if pos.dim() == 2 else 1, 1, -1, 1), 0.0)
-        grad = gh.transpose(1, 2)
+        grad = _back_to_model(grad, tiled_position(order, N)).transpose(1, 2)
     # The rotation's inverse is its transpose: the same rotation by minus the angle.
     return rope(grad, cos, -sin, start, check=False), None, None, None, None
 

@@ -170,22 +170,17 @@ class _GatherPlan:
 
 
 def _merge_query_blocks(idx, slot_ok, Mq: int, Mk: int, m: int):
-    """The key-block lists of tiles of ``m`` consecutive query blocks: (indices [B, H, Mt, Kt], slot
-    validity, and which of the tile's query blocks visits each listed block [B, H, Mt, Kt, m])."""
-    from .mask import blocks_to_indices
+    """The key-block lists of tiles of ``m`` consecutive query blocks (``mask.tile_lists``, as the
+    tiled kernel's query tiles): (indices [B, H, Mt, Kt], slot validity, and which of the tile's query
+    blocks visits each listed block [B, H, Mt, Kt, m])."""
+    from .mask import tile_lists
 
-    B, H = idx.shape[:2]
-    Mt = -(-Mq // m)
-    dense = torch.zeros(B, H, Mt * m, Mk + 1, dtype=torch.bool, device=idx.device)
-    dense[:, :, :Mq].scatter_(-1, torch.where(slot_ok, idx, torch.full_like(idx, Mk)), True)
-    dense = dense[..., :Mk].view(B, H, Mt, m, Mk)
-    union = dense.any(3)
-    width = max(int(union.sum(-1).max()), 1)  # (read back once per plan)
-    counts, indices = blocks_to_indices(union, width)
-    indices = indices.long()
-    ok = torch.arange(width, device=idx.device) < counts.long().unsqueeze(-1)
-    sub = torch.gather(dense.transpose(3, 4), 3, indices.unsqueeze(-1).expand(B, H, Mt, width, m)) & ok.unsqueeze(-1)
-    return indices, ok, sub
+    dense = torch.zeros(*idx.shape[:2], Mq, Mk + 1, dtype=torch.bool, device=idx.device)
+    dense.scatter_(-1, torch.where(slot_ok, idx, torch.full_like(idx, Mk)), True)  # padding: the dropped column
+    counts, indices, flags = tile_lists(dense[..., :Mk], m)
+    ok = torch.arange(indices.shape[-1], device=idx.device) < counts.long().unsqueeze(-1)
+    sub = ((flags.unsqueeze(-1) >> torch.arange(m, device=idx.device, dtype=torch.int32)) & 1).bool()
+    return indices.long(), ok, sub
 
 
 def _gather_plan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N):

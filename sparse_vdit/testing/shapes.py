@@ -68,33 +68,70 @@ HELD_OUT = tuple(sc for i, sc in enumerate(ALL_SCENES) if i % 5 == 2)
 TRAIN_SCENES = tuple(sc for sc in ALL_SCENES if sc not in HELD_OUT)
 
 
-def render(scene: Scene, generator: torch.Generator) -> torch.Tensor:
-    """One video of ``scene``: float32 ``[3, FRAMES, SIZE, SIZE]`` in [-1, 1]. The start position,
-    the background stripes and a small speed jitter come from ``generator``."""
+@dataclass(frozen=True)
+class Draws:
+    """What one video of a scene draws from its generator: the start position, the speed, and the
+    background stripes' angle, period and phase; (dy, dx) is the direction."""
+
+    y0: float
+    x0: float
+    dy: float
+    dx: float
+    speed: float
+    angle: float
+    period: float
+    phase: float
+
+    def centre(self, t: float) -> tuple[float, float]:
+        """The object's centre at key frame ``t``."""
+        return self.y0 + self.dy * self.speed * t, self.x0 + self.dx * self.speed * t
+
+
+def draws(scene: Scene, generator: torch.Generator) -> Draws:
+    """The random part of one video of ``scene`` (six uniforms from ``generator``): the start so that
+    the whole path stays inside the frame, a speed jitter of +-10 %, the stripes."""
     u = torch.rand(6, generator=generator)
     dy, dx = DIRECTIONS[scene.direction]
     travel = SPEED * (FRAMES - 1)
     margin = RADIUS + 1.0
-    # Start so that the whole path stays inside the frame.
     lo_y, hi_y = (margin + travel * max(-dy, 0), SIZE - margin - travel * max(dy, 0))
     lo_x, hi_x = (margin + travel * max(-dx, 0), SIZE - margin - travel * max(dx, 0))
-    y0 = lo_y + (hi_y - lo_y) * float(u[0])
-    x0 = lo_x + (hi_x - lo_x) * float(u[1])
-    speed = SPEED * (0.9 + 0.2 * float(u[2]))
-    ys, xs = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32) + 0.5,
-                            torch.arange(SIZE, dtype=torch.float32) + 0.5, indexing="ij")
-    angle, period, phase = math.pi * float(u[3]), 6.0 + 6.0 * float(u[4]), 2 * math.pi * float(u[5])
-    stripes = 0.12 * torch.sin((xs * math.cos(angle) + ys * math.sin(angle)) * 2 * math.pi / period + phase)
-    video = (stripes - 0.1).expand(3, FRAMES, SIZE, SIZE).clone()
+    return Draws(lo_y + (hi_y - lo_y) * float(u[0]), lo_x + (hi_x - lo_x) * float(u[1]), dy, dx,
+                 SPEED * (0.9 + 0.2 * float(u[2])), math.pi * float(u[3]), 6.0 + 6.0 * float(u[4]),
+                 2 * math.pi * float(u[5]))
+
+
+def pixel_grid() -> tuple[torch.Tensor, torch.Tensor]:
+    """(ys, xs) ``[SIZE, SIZE]``: pixel centres."""
+    return torch.meshgrid(torch.arange(SIZE, dtype=torch.float32) + 0.5,
+                          torch.arange(SIZE, dtype=torch.float32) + 0.5, indexing="ij")
+
+
+def stripes(d: Draws, ys: torch.Tensor, xs: torch.Tensor, amplitude: float = 0.12) -> torch.Tensor:
+    """The background's stripes ``[SIZE, SIZE]`` at pixel coordinates (ys, xs)."""
+    return amplitude * torch.sin((xs * math.cos(d.angle) + ys * math.sin(d.angle)) * 2 * math.pi / d.period + d.phase)
+
+
+def cover(shape: str, ys: torch.Tensor, xs: torch.Tensor, cy: float, cx: float, radius: float = RADIUS) -> torch.Tensor:
+    """How much of each pixel the object (``shape`` at centre (cy, cx)) covers, in [0, 1]: an
+    anti-aliased edge one pixel wide."""
+    if shape == "circle":
+        d = torch.sqrt((ys - cy) ** 2 + (xs - cx) ** 2) - radius
+    else:
+        d = torch.maximum((ys - cy).abs(), (xs - cx).abs()) - radius * 0.9
+    return (0.5 - d).clamp(0, 1)
+
+
+def render(scene: Scene, generator: torch.Generator) -> torch.Tensor:
+    """One video of ``scene``: float32 ``[3, FRAMES, SIZE, SIZE]`` in [-1, 1]. The start position,
+    the background stripes and a small speed jitter come from ``generator`` (:func:`draws`)."""
+    d = draws(scene, generator)
+    ys, xs = pixel_grid()
+    video = (stripes(d, ys, xs) - 0.1).expand(3, FRAMES, SIZE, SIZE).clone()
     colour = torch.tensor(COLOURS[scene.colour]).view(3, 1, 1)
     for t in range(FRAMES):
-        cy, cx = y0 + dy * speed * t, x0 + dx * speed * t
-        if scene.shape == "circle":
-            d = torch.sqrt((ys - cy) ** 2 + (xs - cx) ** 2) - RADIUS
-        else:
-            d = torch.maximum((ys - cy).abs(), (xs - cx).abs()) - RADIUS * 0.9
-        cover = (0.5 - d).clamp(0, 1)  # anti-aliased edge, one pixel wide
-        video[:, t] = video[:, t] * (1 - cover) + colour * cover
+        c = cover(scene.shape, ys, xs, *d.centre(t))
+        video[:, t] = video[:, t] * (1 - c) + colour * c
     return video
 
 
