@@ -41,3 +41,36 @@ def test_merged_tiles_with_orders_and_a_key_order():
     o, lse = block_sparse_attention(q, k, v, mask, backend="torch", return_lse=True, token_order=order,
                                     kv_token_order=kv_order)
     check_against_reference(o, lse, q, k, v, mask, token_order=order, kv_token_order=kv_order)
+
+
+def test_chunks_pad_no_row_past_its_share_and_skip_masks_where_all_is_visible():
+    """Heads of very different densities in one call (a near-dense head beside sparse ones, as a
+    calibrated layer has): every chunk's rows visit at least CHUNK_COUNT_RATIO of its longest row's
+    key blocks, every row with keys is in exactly one chunk, a chunk carries no mask exactly where all
+    its gathered keys are visible, and the result is exact."""
+    from sparse_vdit.ops import torch_backend as tb
+
+    torch.manual_seed(2)
+    B, H, N, D, bq = 1, 4, 1024, 16, 64  # 64-row blocks: not merged, so band rows see whole blocks
+    M = N // bq
+    blocks = torch.zeros(B, H, M, M, dtype=torch.bool)
+    blocks[:, 0] = torch.rand(M, M) < 0.9  # near dense
+    for h, width in ((1, 1), (2, 2), (3, 4)):  # bands of different widths
+        i = torch.arange(M)
+        blocks[:, h] = (i[:, None] - i[None, :]).abs() <= width
+    mask = BlockSparseMask.from_dense(blocks, (bq, bq))
+    q, k, v = rand_qkv(B, H, N, D, torch.float32)
+    o, lse = block_sparse_attention(q, k, v, mask, backend="torch", return_lse=True)
+    check_against_reference(o, lse, q, k, v, mask)
+    plan = _gather_plan(mask.kv_counts, mask.kv_indices, None, None, bq, bq, mask.num_q_blocks, B, H, N)
+    chunks = plan.chunks(bq * D * 4, torch.float32)
+    seen = torch.cat([rows for rows, *_ in chunks])
+    assert sorted(seen.tolist()) == sorted(torch.nonzero(plan.row_counts > 0).flatten().tolist())
+    assert len(chunks) > 2
+    masked = 0
+    for rows, k_c, sel, additive, visible in chunks:
+        counts = plan.row_counts[rows]
+        assert int(counts.max()) == k_c and bool((counts >= tb.CHUNK_COUNT_RATIO * k_c).all())
+        assert (additive is None) == bool(visible.all())
+        masked += additive is not None
+    assert 0 < masked < len(chunks)

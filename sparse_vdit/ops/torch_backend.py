@@ -78,6 +78,9 @@ class _Gathered:
 _GATHER_PLANS = WeakIdKeyDictionary()
 _SNAPSHOT_PLANS = SnapshotCache()  # the same plans for tensors that are not frozen (ops.order)
 GATHER_CHUNK_BYTES = 1 << 25  # gathered keys (and as much for values) per fused attention call
+# A chunk's rows visit at least this share of its longest row's key blocks: every row of a chunk is
+# padded to that longest row, so rows of a sparse head never pay for a denser head's keys.
+CHUNK_COUNT_RATIO = 0.75
 # Query rows a gather serves at least: smaller query blocks are merged into tiles of this many rows
 # (the union of their key blocks, each row masked to its own block's), so that a key block is gathered
 # once for the tile, not once per query block, and the fused kernel gets longer query runs.
@@ -150,18 +153,26 @@ class _GatherPlan:
 
     def chunks(self, row_bytes: int, dtype):
         """(row indices, key slots K_c, block rows [r * K_c], additive key mask [r, 1, 1, K_c * bk] in
-        ``dtype``, visibility) per chunk of at most ``GATHER_CHUNK_BYTES`` of gathered keys, where
-        ``row_bytes`` is one key slot's bytes; rows that visit nothing are left out."""
-        key = (row_bytes, dtype, GATHER_CHUNK_BYTES)
+        ``dtype`` or None where all are visible, visibility) per chunk of at most ``GATHER_CHUNK_BYTES`` of gathered keys, where
+        ``row_bytes`` is one key slot's bytes, and of rows visiting at least ``CHUNK_COUNT_RATIO`` x
+        K_c key blocks; rows that visit nothing are left out."""
+        key = (row_bytes, dtype, GATHER_CHUNK_BYTES, CHUNK_COUNT_RATIO)
         if key not in self._chunks:
             made, i, R = [], 0, len(self.sorted_counts)
             slots = self.block_rows.view(R, self.K)
-            while i < R and self.sorted_counts[i] > 0:
-                k_c = self.sorted_counts[i]
-                n = max(1, GATHER_CHUNK_BYTES // (k_c * row_bytes))
+            counts = self.sorted_counts
+            while i < R and counts[i] > 0:
+                k_c = counts[i]
+                end = min(R, i + max(1, GATHER_CHUNK_BYTES // (k_c * row_bytes)))
+                n = 1
+                while i + n < end and counts[i + n] >= CHUNK_COUNT_RATIO * k_c:
+                    n += 1
                 rows = self.row_order[i:i + n]
                 vis = self.visible.index_select(0, rows)[..., :k_c * self.kv_block]
-                add = torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill(~vis, float("-inf"))
+                # No mask where every gathered key is visible (whole blocks inside the grid): the fused
+                # kernel runs faster without one. One read-back per chunk, once per plan.
+                add = None if bool(vis.all()) else torch.zeros(
+                    vis.shape, dtype=dtype, device=vis.device).masked_fill(~vis, float("-inf"))
                 made.append((rows, k_c, slots.index_select(0, rows)[:, :k_c].reshape(-1), add, vis))
                 i += n
             self._chunks.clear()
