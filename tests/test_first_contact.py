@@ -119,6 +119,34 @@ def test_sync_counter_sees_syncs():
     with SyncCounter() as counter:
         x[x > 0].sum().item()
     assert len(counter.syncs) >= 2
+    with SyncCounter() as counter:  # a read-back that does not pass through the dispatcher on the CPU
+        x.tolist()
+        bool(x.any())
+    assert [s.split(" ")[0] for s in counter.syncs] == ["tolist", "_local_scalar_dense"], counter.syncs
+
+
+def test_gather_plans_of_every_batch_elements_key_order_are_kept():
+    """With padded keys each batch element has its own key order, so one forward asks for B gather
+    plans of one mask in turn: all must stay cached (a cache of one would rebuild, and read back, on
+    every call)."""
+    from sparse_vdit.ops import torch_backend
+
+    layout = _layout()
+    mask = sv.masks.build({"kind": "sliding_tile", "window": [1, 1, 1]}, layout, heads=1)
+    order = layout.token_order("cpu")
+    q, k, v = (torch.randn(3, layout.seq_len, 2, 32) for _ in range(3))
+    key_valid = torch.ones(3, layout.seq_len, dtype=torch.bool)
+    key_valid[1, -3:] = False
+    key_valid[2, -5:] = False
+    sparse_attention(q, k, v, mask, order, key_valid=key_valid, backend="torch")
+    built = []
+    real = torch_backend._GatherPlan.__init__
+    try:
+        torch_backend._GatherPlan.__init__ = lambda self, *a: (built.append(1), real(self, *a))[1]
+        sparse_attention(q, k, v, mask, order, key_valid=key_valid, backend="torch")
+    finally:
+        torch_backend._GatherPlan.__init__ = real
+    assert built == []
 
 
 # ---------------------------------------------------------------------------- 3. version floors

@@ -208,17 +208,24 @@ def _gather_plan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv
     key = (B, H, N, q_block, kv_block, num_q_blocks, kv_counts.data_ptr(), kv_indices._version,
            None if token_order is None else token_order._version,
            None if kv_token_order is None else kv_token_order._version)
+    # Per mask, one entry per (query order, key order) pair: with padded keys every batch element has
+    # its own key order, so a forward alternates between B of them. An entry holds its orders, so
+    # their identity cannot pass to new tensors while it lives.
     per_mask = _GATHER_PLANS.get(kv_indices)
-    # An entry holds its orders, so their identity cannot pass to new tensors while it lives.
-    if per_mask is not None and per_mask[0] is token_order and per_mask[1] is kv_token_order and key in per_mask[2]:
-        return per_mask[2][key]
+    if per_mask is None:
+        per_mask = _GATHER_PLANS[kv_indices] = []
+    entry = next((e for e in per_mask if e[0] is token_order and e[1] is kv_token_order), None)
+    if entry is not None and key in entry[2]:
+        return entry[2][key]
     plan = _GatherPlan(kv_counts, kv_indices, token_order, kv_token_order, q_block, kv_block, num_q_blocks, B, H, N)
-    if per_mask is None or per_mask[0] is not token_order or per_mask[1] is not kv_token_order:
-        per_mask = (token_order, kv_token_order, {})
-        _GATHER_PLANS[kv_indices] = per_mask
-    if len(per_mask[2]) >= 8:
-        per_mask[2].clear()
-    per_mask[2][key] = plan
+    if entry is None:
+        if len(per_mask) >= 16:
+            per_mask.pop(0)
+        entry = (token_order, kv_token_order, {})
+        per_mask.append(entry)
+    if len(entry[2]) >= 8:
+        entry[2].clear()
+    entry[2][key] = plan
     return plan
 
 

@@ -82,9 +82,7 @@ class DispatchCounter:
         bool_index = "index" in name and any(i.dtype == torch.bool for a in args if isinstance(a, (list, tuple))
                                              for i in _tensors(a))
         if bool_index or any(name == s or name.startswith(s + ".") for s in SYNC_OPS):
-            where = [f for f in traceback.extract_stack() if "sparse_vdit" in f.filename][-1:]
-            self.syncs.append(f"{name} at {where[0].filename.split('sparse_vdit/')[-1]}:{where[0].lineno}"
-                              if where else name)
+            self._sync(name)
         if name.split(".")[0] in VIEW_OPS:
             return
         inputs = {t.untyped_storage().data_ptr() for t in _tensors(list(args) + list((kwargs or {}).values()))
@@ -95,6 +93,12 @@ class DispatchCounter:
                 self.written += nbytes  # in place (or out=): written into an existing tensor
             else:
                 self.allocated += nbytes
+
+    def _sync(self, name: str) -> None:
+        where = [f for f in traceback.extract_stack()
+                 if "sparse_vdit" in f.filename and not f.filename.endswith("testing/counting.py")][-1:]
+        self.syncs.append(f"{name} at {where[0].filename.split('sparse_vdit/')[-1]}:{where[0].lineno}"
+                          if where else name)
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -131,6 +135,14 @@ class DispatchCounter:
                     return real_call(self_, *a, **k)
 
             self._patch(GridExecutor, "__call__", call)
+        real_tolist = torch.Tensor.tolist
+
+        def tolist(t):  # a read-back that bypasses the dispatcher on the CPU (a sync on a GPU)
+            if not self._paused:
+                self._sync("tolist")
+            return real_tolist(t)
+
+        self._patch(torch.Tensor, "tolist", tolist)
         for (owner, attr), shapes in self.kernels.items():
             self._patch(owner, attr, self._stub(shapes))
         self._stack.enter_context(Mode())
