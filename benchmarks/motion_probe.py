@@ -12,6 +12,11 @@ as ``train_shapes --frame-noise`` / ``--anchor`` train some samples): the clean 
 object is, and only the direction word says where it goes.
 
     python -m benchmarks.motion_probe --sensitivity --cross-attention
+    python -m benchmarks.motion_probe --generate [--weights DIR]
+
+``--generate``: the learned-behaviour test's analysis on any weights: the held-out prompts with the
+test's seeds, then the training prompts, generated whole by the pipeline (``shapes.GENERATE_DEFAULTS``)
+and read back by ``shapes.describe`` (colour, direction), with how many are right.
 
 ``--sensitivity``: how far the prediction moves (L2) when one word of the prompt is swapped (the
 direction, the colour, the shape; the empty prompt), against its norm. ``--cross-attention``: the
@@ -93,6 +98,30 @@ def cross_attention(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS, we
             h.remove()
 
 
+def generate(weights=None, seeds: int = 1) -> dict[str, dict[str, int]]:
+    """Colour and direction read back from whole generated videos, held-out and training prompts
+    (seeds 100 + i per prompt, as ``tests/test_learned.py``; ``seeds`` > 1 adds 200 + i, ...)."""
+    pipe = shapes.learned_wan_pipeline(weights)
+    pipe.set_progress_bar_config(disable=True)
+    counts = {}
+    for name, scenes in (("held out", list(shapes.HELD_OUT)), ("training", list(shapes.TRAIN_SCENES[::4]))):
+        right = {"colour": 0, "direction": 0, "videos": 0}
+        for r in range(seeds):
+            gen = [torch.Generator().manual_seed(100 * (r + 1) + i) for i in range(len(scenes))]
+            with torch.no_grad():
+                frames = pipe([sc.prompt for sc in scenes], negative_prompt="", generator=gen, output_type="np",
+                              **shapes.GENERATE_DEFAULTS).frames
+            for sc, f in zip(scenes, frames):
+                colour, direction = shapes.describe(shapes.video_tensor(f))
+                print(f"{name}: {sc.prompt!r:32} -> colour {colour}, direction {direction}", flush=True)
+                right["colour"] += colour == sc.colour
+                right["direction"] += direction == sc.direction
+                right["videos"] += 1
+        counts[name] = right
+    print({k: f"colour {v['colour']}/{v['videos']}, direction {v['direction']}/{v['videos']}" for k, v in counts.items()})
+    return counts
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default=None, help="weights folder (default: the shipped ones)")
@@ -101,9 +130,15 @@ def main(argv=None) -> None:
                     help="noise level of the first key frame (default: the same as the others)")
     ap.add_argument("--sensitivity", action="store_true", help="the prediction's change per swapped word")
     ap.add_argument("--cross-attention", action="store_true", help="cross-attention mass per text token")
+    ap.add_argument("--generate", action="store_true",
+                    help="generate held-out and training prompts whole and read colour and direction back")
+    ap.add_argument("--seeds", type=int, default=1, help="with --generate: seeds per prompt")
     ap.add_argument("--text-tokens", type=int, default=shapes.MAX_TEXT_TOKENS,
                     help="text tokens a prompt is padded to (as the weights were trained: train_shapes --text-tokens)")
     args = ap.parse_args(argv)
+    if args.generate:
+        generate(args.weights, args.seeds)
+        return
     model = shapes.learned_wan_pipeline(args.weights).transformer
     if args.sensitivity:
         sensitivity(model, args.sigmas, args.text_tokens, args.weights)

@@ -1,6 +1,7 @@
 """The tiny Wan trained on the shapes world (weights shipped in the package): it learned to draw what
 its prompt says, on prompt combinations it never saw in training."""
 import json
+import math
 
 import pytest
 import torch
@@ -54,3 +55,52 @@ def test_learned_model_draws_one_object_of_the_colour_its_prompt_names(held_out_
     colour_right = [g[0] == sc.colour for g, sc in zip(got, scenes)]
     detail = [(sc.prompt, g) for g, sc in zip(got, scenes)]
     assert sum(colour_right) >= 0.8 * len(scenes), f"{sum(colour_right)}/{len(scenes)} colours right: {detail}"
+
+
+def test_anchored_noise_levels_put_the_anchor_where_asked():
+    """The training's anchored samples: one key frame at a low level, the others near pure noise; with
+    ``anchor_first`` the anchor is the clip's first key frame, else any."""
+    from sparse_vdit.testing import train_shapes
+
+    g = torch.Generator().manual_seed(0)
+    for first in (True, False):
+        levels = train_shapes.noise_levels(256, 4, g, anchor=1.0, anchor_first=first)
+        low = levels.argmin(1)
+        assert bool((levels.min(1).values <= 0.5).all())
+        others = levels.sort(1).values[:, 1:]
+        assert bool((others >= 0.85).all()) and bool((others <= 1.0).all())
+        assert set(low.tolist()) == ({0} if first else {0, 1, 2, 3})
+    uniform = train_shapes.noise_levels(64, 4, g)  # the default: one level per video
+    assert bool((uniform == uniform[:, :1]).all())
+
+
+def test_curriculum_phases_train_on_their_directions_and_clip_lengths(monkeypatch):
+    """A phase (steps, key frames, anchored share, anchor first, directions) draws only its directions'
+    training scenes, in clips of its length, anchored where it says."""
+    from sparse_vdit.testing import train_shapes
+
+    seen, levels = [], []
+    real_batch, real_levels = shapes.batch, train_shapes.noise_levels
+    monkeypatch.setattr(shapes, "batch", lambda scenes, g: (seen.append(list(scenes)), real_batch(scenes, g))[1])
+    monkeypatch.setattr(train_shapes, "noise_levels",
+                        lambda *a, **k: (levels.append(real_levels(*a, **k)), levels[-1])[1])
+    phases = ((1, 2, 1.0, True, ("right",)), (1, 4, 0.0, False, ("left", "up")), (1, 2, 1.0, False))
+    train_shapes.train(batch_size=1, phases=phases, log_every=10, threads=1)
+    assert {sc.direction for sc in seen[0]} == {"right"} and len(seen[0]) == shapes.FRAMES // 2
+    assert {sc.direction for sc in seen[1]} <= {"left", "up"} and len(seen[1]) == shapes.FRAMES // 4
+    assert len(seen[2]) == shapes.FRAMES // 2
+    assert levels[0].shape == (4, 2) and bool((levels[0][:, 0] <= 0.5).all())  # anchored, anchor first
+    assert bool((levels[1] == levels[1][:, :1]).all())  # not anchored: one level a clip
+
+
+def test_each_curriculum_phase_restarts_its_schedule_at_its_own_peak():
+    from sparse_vdit.testing import train_shapes
+
+    f = train_shapes.phase_lr_factor([(100, 2, 1.0), (50, 2, 1.0, True, None, 5e-4)], 1e-3)
+    lr = [1e-3 * f(i) for i in range(150)]
+    assert lr[0] == pytest.approx(1e-3 / 10)  # a warm-up of 10 steps, then the cosine
+    assert lr[9] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 9 / 100))))
+    assert lr[99] == pytest.approx(1e-4, rel=0.01)  # the cosine's end: 0.1 of the peak
+    assert lr[100] == pytest.approx(5e-4 / 5) and max(lr[100:]) == pytest.approx(5e-4, rel=0.02)  # restart
+    assert lr[149] == pytest.approx(5e-5, rel=0.01)
+    assert train_shapes.lr_factor(0, 2000) == pytest.approx(1 / 200)  # the shipped run's schedule

@@ -37,14 +37,27 @@ direction word (none has got there yet; the README's section on the learned mode
   against the colour swap's 64, and with one key frame clean the next one's estimate stayed where
   the clean frame had the object, for every direction word.
 - ``--heads`` / ``--head-dim`` change the transformer's width (not tried for long).
+- ``--curriculum`` trains in the phases of :data:`CURRICULUM` (see there), with ``--text-lr-scale 10``
+  for the phases that read the word: ``python -m sparse_vdit.testing.train_shapes --curriculum
+  --text-lr-scale 10 --object-weight 9 --out DIR``. Not run whole yet. An earlier curriculum, four
+  directions from the start (anchor first) and the text path at the same rate, learned no move by step
+  400 (-0.03 px of 2.5).
+- ``--text-lr-scale F`` multiplies the learning rate of the cross-attention and the text projection
+  by F (the direction word changes the video tokens' residual stream by 1-2 % of its norm). At 10,
+  continuing from a checkpoint that shifts right (``benchmarks.pilot_shift``), left and right with the
+  anchor first: in 400 steps the word decided the move (2.46 px along it, truth 2.5); at 1 the same
+  run fell back to a blob that ignores the word (0.22 px).
 """
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import json
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -64,12 +77,65 @@ def encode_prompts(prompts, max_sequence_length: int = shapes.MAX_TEXT_TOKENS, w
     return embeds
 
 
+class Phase(NamedTuple):
+    """One phase of a curriculum (:func:`train`'s ``phases``): ``steps`` steps on clips of ``frames``
+    key frames, a share ``anchored`` of them with one low-noise anchor key frame (the clip's first where
+    ``anchor_first``), on the training scenes of ``directions`` (None: all), with a learning-rate
+    schedule of its own (warm-up, then cosine) peaking at ``lr`` (None: ``train``'s ``lr``)."""
+
+    steps: int
+    frames: int
+    anchored: float
+    anchor_first: bool = False
+    directions: tuple[str, ...] | None = None
+    lr: float | None = None
+
+
+# The motion curriculum (``--curriculum``). Wan's RoPE scores time, height and width apart and no token
+# knows its own frame number, so with the anchor on either side of a noisy frame a shift to learn has no
+# sign (the move after the anchor is minus the move before it): the model blends both, a saddle it does
+# not leave. With the anchor first, the shift from it has one sign and is learned; with one direction
+# (no word to read) in 400 steps. A second direction needs the word to choose the shift: learned in 400
+# more steps with the text path's learning rate 10x (``--text-lr-scale 10``), not without. The README's
+# experiments (g) and (h) have the numbers. These phases chain those pilots (each ran as its own process,
+# so each phase restarts its schedule), then the anchor on either side, all four directions, and clips at
+# one noise level for every frame, as the pipeline generates. The third phase, run as a pilot after the
+# second, lost the shift again (0.01 px at steps 200 and 400); the phases after it were not run.
+CURRICULUM = (
+    Phase(400, 2, 1.0, True, ("right",)),
+    Phase(400, 2, 1.0, True, ("left", "right"), lr=5e-4),
+    Phase(400, 2, 1.0, False, ("left", "right"), lr=5e-4),
+    Phase(600, 2, 1.0, False, None, lr=5e-4),
+    Phase(600, 4, 0.5, False, None, lr=5e-4),
+    Phase(300, 8, 0.0, False, None, lr=3e-4),
+)
+
+
+def lr_factor(i: int, total: int) -> float:
+    """The learning rate's factor at (0-based) step ``i`` of ``total``: a warm-up over min(200, total /
+    10) steps, then a cosine down to 0.1."""
+    warmup = min(200, total // 10)
+    return min(1.0, (i + 1) / max(warmup, 1)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+
+
+def phase_lr_factor(phases, lr: float):
+    """``i -> factor`` over ``phases`` (:class:`Phase`): each phase restarts :func:`lr_factor` over its own
+    steps, scaled to its peak ``lr`` (relative to ``lr``)."""
+    phases = [Phase(*p) for p in phases]
+    bounds = list(itertools.accumulate(p.steps for p in phases))
+
+    def factor(i: int) -> float:  # step i + 1 is in phase k
+        k = min(bisect.bisect_left(bounds, i + 1), len(phases) - 1)
+        return lr_factor(i - (bounds[k] - phases[k].steps), phases[k].steps) * (phases[k].lr or lr) / lr
+    return factor
+
+
 def shifted_sigma(u: torch.Tensor, shift: float = shapes.SHIFT) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
 def noise_levels(batch_size: int, frames: int, generator: torch.Generator, frame_noise: float = 0.0,
-                 anchor: float = 0.0) -> torch.Tensor:
+                 anchor: float = 0.0, anchor_first: bool = False) -> torch.Tensor:
     """sigma per sample and key frame, ``[batch_size, frames]``.
 
     By default one shifted uniform draw per video, the same for all its frames. With ``anchor`` > 0,
@@ -77,7 +143,8 @@ def noise_levels(batch_size: int, frames: int, generator: torch.Generator, frame
     other key frame at a high one (uniform in [0.85, 1]): the anchor shows where the object is, and only
     the direction word says where it is in the other frames, so the prompt's direction carries most of
     the loss there. With ``frame_noise`` > 0 (an earlier experiment) that share gets one independent
-    draw per key frame."""
+    draw per key frame. With ``anchor_first`` the anchor is always the clip's first key frame (a
+    curriculum: the move from it has one sign, so where the anchor is tells which way to shift)."""
     levels = shifted_sigma(torch.rand(batch_size, 1, generator=generator)).expand(batch_size, frames).clone()
     if frame_noise:
         per_frame = shifted_sigma(torch.rand(batch_size, frames, generator=generator))
@@ -86,6 +153,8 @@ def noise_levels(batch_size: int, frames: int, generator: torch.Generator, frame
     if anchor:
         high = 0.85 + 0.15 * torch.rand(batch_size, frames, generator=generator)
         which = torch.randint(frames, (batch_size,), generator=generator)
+        if anchor_first:
+            which = torch.zeros_like(which)
         high[torch.arange(batch_size), which] = 0.5 * torch.rand(batch_size, generator=generator)
         pick = torch.rand(batch_size, 1, generator=generator) < anchor
         levels = torch.where(pick, high, levels)
@@ -116,17 +185,29 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
           log_every: int = 50, threads: int | None = None, frame_noise: float = 0.0, anchor: float = 0.0,
           short_steps: int = 0, short_frames: int = 4, object_weight: float = 0.0,
           text_tokens: int = shapes.MAX_TEXT_TOKENS, config: dict | None = None,
-          train_text: bool = False) -> list[tuple[int, float]]:
+          train_text: bool = False, anchor_first_steps: int = 0, init: Path | None = None,
+          phases: tuple | None = None, text_lr_scale: float = 1.0) -> list[tuple[int, float]]:
     """``short_steps`` of the ``steps`` train on clips of ``short_frames`` key frames, ``FRAMES //
     short_frames`` times as many of them a step (the same number of tokens, a cheaper step: attention
     is quadratic in them); the rest on whole videos. Motion is relative (RoPE positions), so what a
-    short clip teaches holds for a long one."""
+    short clip teaches holds for a long one. The first ``anchor_first_steps`` put the anchor on the
+    clip's first key frame. ``init``: start from these saved weights (a later stage of a curriculum).
+    ``phases`` (:class:`Phase`, e.g. :data:`CURRICULUM`) replace all of that, one after another,
+    ``steps`` their sum, each with a learning-rate schedule of its own.
+    ``text_lr_scale`` multiplies the learning rate of the cross-attention and the text projection."""
+    if phases is not None:
+        phases = [Phase(*p) for p in phases]
+        steps = sum(p.steps for p in phases)
+        bounds = list(itertools.accumulate(p.steps for p in phases))
     from diffusers import WanTransformer3DModel
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**{**shapes.LEARNED_WAN_CONFIG, **(config or {})}).train()
+    if init is not None:
+        model = WanTransformer3DModel.from_pretrained(init).train()
+    else:
+        model = WanTransformer3DModel(**{**shapes.LEARNED_WAN_CONFIG, **(config or {})}).train()
     scenes = shapes.TRAIN_SCENES
     prompts = [sc.prompt for sc in scenes] + [""]
     encoder = None
@@ -142,20 +223,36 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
         embeds = embeds[:-1]
     params = sum(p.numel() for p in model.parameters())
     print(f"train_shapes: {params / 1e6:.2f} M parameters, {len(scenes)} training scenes "
-          f"({len(shapes.HELD_OUT)} held out), {steps} steps ({short_steps} of them on {short_frames}-frame "
-          f"clips), {batch_size} videos a step, anchor share {anchor}, object weight {object_weight}, seed {seed}",
+          f"({len(shapes.HELD_OUT)} held out), {steps} steps "
+          + (f"in phases {[tuple(p) for p in phases]} (steps, clip key frames, anchored share, anchor first, "
+             "directions, peak lr), " if phases else
+             f"({short_steps} of them on {short_frames}-frame clips), anchor share {anchor}, ")
+          + f"{batch_size} videos a step, object weight {object_weight}, seed {seed}",
           flush=True)
     params = list(model.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    warmup = min(200, steps // 10)
+    groups = params
+    if text_lr_scale != 1.0:  # the prompt's path into the video tokens (cross-attention, text projection) faster
+        text_path = {id(p) for name, p in model.named_parameters()
+                     if ".attn2." in name or name.startswith("condition_embedder.text_embedder.")}
+        groups = [{"params": [p for p in params if id(p) not in text_path]},
+                  {"params": [p for p in params if id(p) in text_path], "lr": lr * text_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / max(warmup, 1)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+        opt, phase_lr_factor(phases, lr) if phases is not None else lambda i: lr_factor(i, steps))
     g = torch.Generator().manual_seed(seed)
+    everything = torch.arange(len(scenes))
     curve, window, t0 = [], [], time.time()
     for step in range(1, steps + 1):
         frames = short_frames if step <= short_steps else shapes.FRAMES
+        share, first = anchor, step <= anchor_first_steps
+        pool = everything
+        if phases is not None:
+            phase = phases[bisect.bisect_left(bounds, step)]
+            frames, share, first = phase.frames, phase.anchored, phase.anchor_first
+            if phase.directions:
+                pool = torch.tensor([i for i, sc in enumerate(scenes) if sc.direction in phase.directions])
         n = batch_size * max(1, shapes.FRAMES // frames)
-        pick = torch.randint(len(scenes), (n,), generator=g)
+        pick = pool[torch.randint(len(pool), (n,), generator=g)]
         x0 = clips(shapes.batch([scenes[i] for i in pick.tolist()], g), frames, g)
         drop = torch.rand(n, generator=g) < 0.1
         if encoder is not None:
@@ -165,7 +262,7 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
         else:
             text = embeds[pick].clone()
             text[drop] = empty
-        sigma = noise_levels(n, frames, g, frame_noise, anchor)  # [n, frames]
+        sigma = noise_levels(n, frames, g, frame_noise, share, anchor_first=first)  # [n, frames]
         noise = torch.randn(x0.shape, generator=g)
         s = sigma.view(n, 1, frames, 1, 1)
         xt = (1 - s) * x0 + s * noise
@@ -199,6 +296,14 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
                     meta["config"] = config
                 if encoder is not None:
                     meta["train_text"] = True
+                if anchor_first_steps:
+                    meta["anchor_first_steps"] = anchor_first_steps
+                if init is not None:
+                    meta["init"] = str(init)
+                if phases is not None:
+                    meta["phases"] = [p._asdict() for p in phases]
+                if text_lr_scale != 1.0:
+                    meta["text_lr_scale"] = text_lr_scale
                 save(model, out, curve, meta, encoder)
     return curve
 
@@ -239,6 +344,12 @@ def main(argv=None) -> None:
     ap.add_argument("--train-text", action="store_true",
                     help="train the text encoder with the transformer (an experiment; default frozen, as shipped)")
     ap.add_argument("--short-frames", type=int, default=4, help="key frames of a short clip")
+    ap.add_argument("--curriculum", action="store_true",
+                    help="the motion curriculum (CURRICULUM; replaces --steps, --anchor and --short-*): "
+                         "anchored 2-frame clips of one direction with the anchor first, then two, then the "
+                         "anchor on either side, all four directions, 4- and 8-frame clips")
+    ap.add_argument("--text-lr-scale", type=float, default=1.0,
+                    help="learning rate of the cross-attention and text projection, times this (an experiment)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=shapes.WEIGHTS_DIR,
                     help="where the weights go (default: the package's shipped copy)")
@@ -247,7 +358,7 @@ def main(argv=None) -> None:
           anchor=a.anchor, short_steps=a.short_steps, short_frames=a.short_frames,
           object_weight=a.object_weight, text_tokens=a.text_tokens,
           config={k: v for k, v in (("num_attention_heads", a.heads), ("attention_head_dim", a.head_dim)) if v},
-          train_text=a.train_text)
+          train_text=a.train_text, phases=CURRICULUM if a.curriculum else None, text_lr_scale=a.text_lr_scale)
     print(f"train_shapes: weights written to {a.out}")
 
 
