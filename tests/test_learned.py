@@ -93,6 +93,33 @@ def test_curriculum_phases_train_on_their_directions_and_clip_lengths(monkeypatc
     assert bool((levels[1] == levels[1][:, :1]).all())  # not anchored: one level a clip
 
 
+def test_a_phases_text_scale_speeds_the_text_path_alone_and_each_phase_end_is_saved(monkeypatch, tmp_path):
+    """The cross-attention and text projection train at the phase's ``text_lr_scale`` times the rest's
+    rate, in that phase only; every phase but the last leaves its weights in ``out/phase<k>``."""
+    from diffusers import WanTransformer3DModel
+
+    from sparse_vdit.testing import train_shapes
+
+    rates, sizes = [], []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        rates.append([g["lr"] for g in self.param_groups])
+        sizes.append([len(g["params"]) for g in self.param_groups])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    phases = ((2, 2, 1.0, True, None, None, 1.0), (2, 2, 1.0, True, None, None, 10.0))
+    train_shapes.train(batch_size=1, phases=phases, log_every=10, threads=1, out=tmp_path)
+    assert rates[1][1] == pytest.approx(rates[1][0])
+    assert rates[2][1] == pytest.approx(10 * rates[2][0]) and rates[3][1] == pytest.approx(10 * rates[3][0])
+    model = WanTransformer3DModel(**shapes.LEARNED_WAN_CONFIG)
+    text = [n for n, _ in model.named_parameters() if ".attn2." in n or n.startswith("condition_embedder.text_embedder.")]
+    assert sizes[0] == [len(list(model.parameters())) - len(text), len(text)]
+    saved = WanTransformer3DModel.from_pretrained(tmp_path / "phase1")
+    assert saved.config.num_layers == shapes.LEARNED_WAN_CONFIG["num_layers"] and not (tmp_path / "phase2").exists()
+
+
 def test_each_curriculum_phase_restarts_its_schedule_at_its_own_peak():
     from sparse_vdit.testing import train_shapes
 
