@@ -98,27 +98,42 @@ def cross_attention(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS, we
             h.remove()
 
 
-def generate(weights=None, seeds: int = 1) -> dict[str, dict[str, int]]:
+def travel(video: torch.Tensor, direction: str) -> float:
+    """How far (px) the object's centroid (``shapes.track``) went from the first frame it is found in to
+    the last, along ``direction``'s vector (the data's: 17.5 px); NaN where no object is found."""
+    centroids, _ = shapes.track(video)
+    idx = (~torch.isnan(centroids[:, 0])).nonzero().flatten()
+    if len(idx) < 2:
+        return float("nan")
+    return float(((centroids[idx[-1]] - centroids[idx[0]]) * torch.tensor(shapes.DIRECTIONS[direction])).sum())
+
+
+def generate(weights=None, seeds: int = 1, guidance_scale: float | None = None) -> dict[str, dict[str, int]]:
     """Colour and direction read back from whole generated videos, held-out and training prompts
-    (seeds 100 + i per prompt, as ``tests/test_learned.py``; ``seeds`` > 1 adds 200 + i, ...)."""
+    (seeds 100 + i per prompt, as ``tests/test_learned.py``; ``seeds`` > 1 adds 200 + i, ...), with
+    each video's travel along the named direction (:func:`travel`)."""
+    settings = {**shapes.GENERATE_DEFAULTS, **({"guidance_scale": guidance_scale} if guidance_scale else {})}
     pipe = shapes.learned_wan_pipeline(weights)
     pipe.set_progress_bar_config(disable=True)
     counts = {}
     for name, scenes in (("held out", list(shapes.HELD_OUT)), ("training", list(shapes.TRAIN_SCENES[::4]))):
-        right = {"colour": 0, "direction": 0, "videos": 0}
+        right = {"colour": 0, "direction": 0, "videos": 0, "travel": []}
         for r in range(seeds):
             gen = [torch.Generator().manual_seed(100 * (r + 1) + i) for i in range(len(scenes))]
             with torch.no_grad():
                 frames = pipe([sc.prompt for sc in scenes], negative_prompt="", generator=gen, output_type="np",
-                              **shapes.GENERATE_DEFAULTS).frames
+                              **settings).frames
             for sc, f in zip(scenes, frames):
                 colour, direction = shapes.describe(shapes.video_tensor(f))
-                print(f"{name}: {sc.prompt!r:32} -> colour {colour}, direction {direction}", flush=True)
+                right["travel"].append(round(travel(shapes.video_tensor(f), sc.direction), 1))
+                print(f"{name}: {sc.prompt!r:32} -> colour {colour}, direction {direction}, "
+                      f"travel along it {right['travel'][-1]} px", flush=True)
                 right["colour"] += colour == sc.colour
                 right["direction"] += direction == sc.direction
                 right["videos"] += 1
         counts[name] = right
-    print({k: f"colour {v['colour']}/{v['videos']}, direction {v['direction']}/{v['videos']}" for k, v in counts.items()})
+    print({k: f"colour {v['colour']}/{v['videos']}, direction {v['direction']}/{v['videos']}, travel along "
+              f"the named direction {min(v['travel'])} to {max(v['travel'])} px" for k, v in counts.items()})
     return counts
 
 
@@ -133,11 +148,13 @@ def main(argv=None) -> None:
     ap.add_argument("--generate", action="store_true",
                     help="generate held-out and training prompts whole and read colour and direction back")
     ap.add_argument("--seeds", type=int, default=1, help="with --generate: seeds per prompt")
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="with --generate: in place of shapes.GENERATE_DEFAULTS' guidance scale")
     ap.add_argument("--text-tokens", type=int, default=shapes.MAX_TEXT_TOKENS,
                     help="text tokens a prompt is padded to (as the weights were trained: train_shapes --text-tokens)")
     args = ap.parse_args(argv)
     if args.generate:
-        generate(args.weights, args.seeds)
+        generate(args.weights, args.seeds, args.guidance_scale)
         return
     model = shapes.learned_wan_pipeline(args.weights).transformer
     if args.sensitivity:

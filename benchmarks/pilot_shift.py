@@ -57,17 +57,6 @@ def _centre(frame: torch.Tensor) -> torch.Tensor:
     return torch.stack([(sat * ys).sum(), (sat * xs).sum()]) / sat.sum()
 
 
-def gap_levels(batch_size: int, frames: int, generator: torch.Generator, frame_noise: float = 0.0,
-               anchor: float = 0.0, anchor_first: bool = False) -> torch.Tensor:
-    """Noise levels (in place of :func:`train_shapes.noise_levels`) where the first key frame leads the
-    others by a gap in noise, not by a clean frame: it at u in [0.2, 0.95], the others at u + g
-    (at most 1), g uniform in [0, 0.5], so that some clips are at one level for every frame, as the
-    pipeline generates."""
-    low = 0.2 + 0.75 * torch.rand(batch_size, 1, generator=generator)
-    gap = 0.5 * torch.rand(batch_size, 1, generator=generator)
-    return (low + gap * (torch.arange(frames) > 0)).clamp(max=1.0)
-
-
 def probe_uniform(weights: Path, directions=("right", "left", "down", "up"), sigmas=(0.95, 0.8)) -> dict:
     """Every key frame at one noise level (as the pipeline generates), on a *static* video (the object
     of a training video's first key frame in all eight): how far the estimated object travels from the
@@ -144,8 +133,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.scroll:
         shapes.render = scrolling_render  # shapes.batch draws through it, in training and in the probe
-    if a.gap:
-        train_shapes.noise_levels = gap_levels
+    if a.gap:  # the anchored share (all of it here) at train_shapes.gap_levels
+        real = train_shapes.noise_levels
+        train_shapes.noise_levels = lambda *args, **kw: real(*args, **{**kw, "gap": True})
     if not a.probe_only:
         shapes.TRAIN_SCENES = tuple(sc for sc in shapes.TRAIN_SCENES if sc.direction in a.directions)
         train_shapes.train(steps=a.steps, lr=a.lr, seed=0, out=a.out, threads=2, anchor=1.0, short_steps=a.steps,

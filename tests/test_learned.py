@@ -74,6 +74,25 @@ def test_anchored_noise_levels_put_the_anchor_where_asked():
     assert bool((uniform == uniform[:, :1]).all())
 
 
+def test_gap_levels_put_the_first_key_frame_ahead_by_a_gap_in_noise_down_to_none():
+    """The curriculum's bridge to generation: the first key frame at [0.2, 0.95], every later one at
+    the same level plus one gap in [0, 0.5] (at most 1); with a share below 1 the rest at one level."""
+    from sparse_vdit.testing import train_shapes
+
+    g = torch.Generator().manual_seed(0)
+    levels = train_shapes.noise_levels(4096, 8, g, anchor=1.0, anchor_first=True, gap=True)
+    first, later = levels[:, 0], levels[:, 1:]
+    assert bool((first >= 0.2).all()) and bool((first <= 0.95).all())
+    assert bool((later == later[:, :1]).all()) and bool((later <= 1.0).all())
+    gap = later[:, 0] - first
+    assert bool((gap >= 0).all()) and bool((gap <= 0.5 + 1e-6).all())
+    assert float(gap.min()) < 0.01 and float(gap.max()) > 0.45  # down to (almost) none, up to 0.5
+    assert bool((later[:, 0] == 1.0).any())  # the clamp at pure noise
+    half = train_shapes.noise_levels(4096, 8, g, anchor=0.5, gap=True)
+    one_level = (half == half[:, :1]).all(1)
+    assert 0.4 < float(one_level.float().mean()) < 0.6
+
+
 def test_curriculum_phases_train_on_their_directions_and_clip_lengths(monkeypatch):
     """A phase (steps, key frames, anchored share, anchor first, directions) draws only its directions'
     training scenes, in clips of its length, anchored where it says."""
@@ -84,13 +103,16 @@ def test_curriculum_phases_train_on_their_directions_and_clip_lengths(monkeypatc
     monkeypatch.setattr(shapes, "batch", lambda scenes, g: (seen.append(list(scenes)), real_batch(scenes, g))[1])
     monkeypatch.setattr(train_shapes, "noise_levels",
                         lambda *a, **k: (levels.append(real_levels(*a, **k)), levels[-1])[1])
-    phases = ((1, 2, 1.0, True, ("right",)), (1, 4, 0.0, False, ("left", "up")), (1, 2, 1.0, False))
+    phases = ((1, 2, 1.0, True, ("right",)), (1, 4, 0.0, False, ("left", "up")), (1, 2, 1.0, False),
+              (1, 8, 1.0, True, None, None, 1.0, True))
     train_shapes.train(batch_size=1, phases=phases, log_every=10, threads=1)
     assert {sc.direction for sc in seen[0]} == {"right"} and len(seen[0]) == shapes.FRAMES // 2
     assert {sc.direction for sc in seen[1]} <= {"left", "up"} and len(seen[1]) == shapes.FRAMES // 4
     assert len(seen[2]) == shapes.FRAMES // 2
     assert levels[0].shape == (4, 2) and bool((levels[0][:, 0] <= 0.5).all())  # anchored, anchor first
     assert bool((levels[1] == levels[1][:, :1]).all())  # not anchored: one level a clip
+    assert len(seen[3]) == 1 and levels[3].shape == (1, 8)  # the gap phase: no clean frame, one gap
+    assert float(levels[3][0, 0]) >= 0.2 and bool((levels[3][:, 1:] == levels[3][:, 1:2]).all())
 
 
 def test_a_phases_text_scale_speeds_the_text_path_alone_and_each_phase_end_is_saved(monkeypatch, tmp_path):

@@ -84,7 +84,9 @@ class Phase(NamedTuple):
     key frames, a share ``anchored`` of them with one low-noise anchor key frame (the clip's first where
     ``anchor_first``), on the training scenes of ``directions`` (None: all), with a learning-rate
     schedule of its own (warm-up, then cosine) peaking at ``lr`` (None: ``train``'s ``lr``), the
-    cross-attention's and text projection's at ``text_lr_scale`` times that."""
+    cross-attention's and text projection's at ``text_lr_scale`` times that. With ``gap`` the
+    anchored share's first key frame leads the others by a gap in noise instead of being clean
+    (:func:`gap_levels`)."""
 
     steps: int
     frames: int
@@ -93,6 +95,7 @@ class Phase(NamedTuple):
     directions: tuple[str, ...] | None = None
     lr: float | None = None
     text_lr_scale: float = 1.0
+    gap: bool = False
 
 
 # The motion curriculum (``--curriculum``). Wan's RoPE scores time, height and width apart and no token
@@ -102,18 +105,21 @@ class Phase(NamedTuple):
 # and 400). With the anchor first, the shift from it has one sign and is learned; with one direction
 # (no word to read) in 400 steps. A second direction needs the word to choose the shift: learned in 400
 # more steps with the text path's learning rate 10x (``--text-lr-scale 10``), not without. The README's
-# experiments (g) and (h) have the numbers. So the anchor stays first throughout: a model that places
-# each frame's object from the frame before it is all that generation needs (the first frame's place is
+# experiments (g)-(j) have the numbers. So the anchor stays first throughout: a model that places each
+# frame's object from the frame before it is all that generation needs (the first frame's place is
 # free). After the two phases that worked: all four directions, then clips of 4 and 8 key frames, part
-# anchored and part at one noise level for every frame, as the pipeline generates. Run whole: the word
-# chooses the move beside a clean frame after phase 3 (all four directions), but not at one noise level,
-# where each frame copies what it shows, so generated objects stand still (the README's (i)).
+# anchored and part at one noise level for every frame. Up to there the word chooses the move beside a
+# clean frame, but not at one noise level, where each frame copies what it shows, so generated objects
+# stand still (the README's (i)). The last two phases bridge that: the first key frame leads the others
+# by a gap in noise that shrinks to none (:func:`gap_levels`), on two key frames and then on whole videos.
 CURRICULUM = (
     Phase(400, 2, 1.0, True, ("right",)),
     Phase(400, 2, 1.0, True, ("left", "right"), lr=5e-4, text_lr_scale=10.0),
     Phase(300, 2, 1.0, True, None, lr=5e-4, text_lr_scale=10.0),
     Phase(400, 4, 0.5, True, None, lr=5e-4, text_lr_scale=10.0),
     Phase(200, 8, 0.25, True, None, lr=3e-4, text_lr_scale=10.0),
+    Phase(300, 2, 1.0, True, None, lr=3e-4, text_lr_scale=10.0, gap=True),
+    Phase(600, 8, 1.0, True, None, lr=3e-4, text_lr_scale=10.0, gap=True),
 )
 
 
@@ -142,8 +148,18 @@ def shifted_sigma(u: torch.Tensor, shift: float = shapes.SHIFT) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def gap_levels(batch_size: int, frames: int, generator: torch.Generator) -> torch.Tensor:
+    """sigma per sample and key frame, ``[batch_size, frames]``, where the first key frame leads the
+    others by a gap in noise, not by a clean frame: it at u in [0.2, 0.95], the others at u + g (at most
+    1), g uniform in [0, 0.5], so that some clips are at one level for every frame, as the pipeline
+    generates them."""
+    low = 0.2 + 0.75 * torch.rand(batch_size, 1, generator=generator)
+    gap = 0.5 * torch.rand(batch_size, 1, generator=generator)
+    return (low + gap * (torch.arange(frames) > 0)).clamp(max=1.0)
+
+
 def noise_levels(batch_size: int, frames: int, generator: torch.Generator, frame_noise: float = 0.0,
-                 anchor: float = 0.0, anchor_first: bool = False) -> torch.Tensor:
+                 anchor: float = 0.0, anchor_first: bool = False, gap: bool = False) -> torch.Tensor:
     """sigma per sample and key frame, ``[batch_size, frames]``.
 
     By default one shifted uniform draw per video, the same for all its frames. With ``anchor`` > 0,
@@ -152,7 +168,15 @@ def noise_levels(batch_size: int, frames: int, generator: torch.Generator, frame
     the direction word says where it is in the other frames, so the prompt's direction carries most of
     the loss there. With ``frame_noise`` > 0 (an earlier experiment) that share gets one independent
     draw per key frame. With ``anchor_first`` the anchor is always the clip's first key frame (a
-    curriculum: the move from it has one sign, so where the anchor is tells which way to shift)."""
+    curriculum: the move from it has one sign, so where the anchor is tells which way to shift).
+    With ``gap``, the ``anchor`` share's levels are :func:`gap_levels` instead (the first key frame
+    ahead by a gap in noise; every sample where ``anchor`` is 1)."""
+    if gap:
+        lead = gap_levels(batch_size, frames, generator)
+        if anchor >= 1:
+            return lead
+        pick = torch.rand(batch_size, 1, generator=generator) < anchor
+        return torch.where(pick, lead, shifted_sigma(torch.rand(batch_size, 1, generator=generator)).expand(-1, frames))
     levels = shifted_sigma(torch.rand(batch_size, 1, generator=generator)).expand(batch_size, frames).clone()
     if frame_noise:
         per_frame = shifted_sigma(torch.rand(batch_size, frames, generator=generator))
@@ -257,11 +281,11 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
     curve, window, t0 = [], [], time.time()
     for step in range(1, steps + 1):
         frames = short_frames if step <= short_steps else shapes.FRAMES
-        share, first = anchor, step <= anchor_first_steps
+        share, first, gap = anchor, step <= anchor_first_steps, False
         pool = everything
         if phases is not None:
             phase = phases[bisect.bisect_left(bounds, step)]
-            frames, share, first = phase.frames, phase.anchored, phase.anchor_first
+            frames, share, first, gap = phase.frames, phase.anchored, phase.anchor_first, phase.gap
             if phase.directions:
                 pool = torch.tensor([i for i, sc in enumerate(scenes) if sc.direction in phase.directions])
         n = batch_size * max(1, shapes.FRAMES // frames)
@@ -275,7 +299,7 @@ def train(steps: int = 2000, batch_size: int = 4, lr: float = 1e-3, seed: int = 
         else:
             text = embeds[pick].clone()
             text[drop] = empty
-        sigma = noise_levels(n, frames, g, frame_noise, share, anchor_first=first)  # [n, frames]
+        sigma = noise_levels(n, frames, g, frame_noise, share, anchor_first=first, gap=gap)  # [n, frames]
         noise = torch.randn(x0.shape, generator=g)
         s = sigma.view(n, 1, frames, 1, 1)
         xt = (1 - s) * x0 + s * noise
