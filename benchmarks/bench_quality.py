@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import statistics
+import tempfile
 import time
 
 import torch
@@ -58,6 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", default=None, help="keep the rows of this earlier result file (same held-out set)")
     p.add_argument("--max-rungs", type=int, default=None, help="at most this many rungs of each ladder (sparsest first)")
     p.add_argument("--calibration-prompts", type=int, default=2, help="training prompts to calibrate on")
+    p.add_argument("--target-densities", nargs="*", type=float, default=[],
+                   help="also calibrate (with ladders) to each of these attention densities: the least summed "
+                        "per-head error at that density (calibrate(target_density=...), error budget "
+                        "--target-error-budget)")
+    p.add_argument("--target-error-budget", type=float, default=0.5,
+                   help="with --target-densities: the per-head error no chosen mask may exceed")
+    p.add_argument("--target-measurements", default=None,
+                   help="with --target-densities: a calibration checkpoint to keep (or reuse) the measurements "
+                        "in, for the same candidates (default: a temporary file)")
+    p.add_argument("--calibration-candidates", nargs="+", default=list(CALIBRATION_CANDIDATES),
+                   help=f"the families calibration chooses from, among {', '.join(FAMILIES)} (default: our own, "
+                        f"{', '.join(CALIBRATION_CANDIDATES)}); rows name any other set")
     p.add_argument("--seeds", type=int, default=1, help="seeds per held-out prompt")
     p.add_argument("--steps", type=int, default=shapes.GENERATE_DEFAULTS["num_inference_steps"], help="denoising steps")
     p.add_argument("--dense-steps", type=float, default=0.2, help="dense warm-up (fraction of steps), every plan")
@@ -70,6 +84,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None):
     return common.cli_main(__doc__, add_arguments, run, argv)
+
+
+def label_of(candidates) -> str:
+    """How a calibrated row names a candidate set other than the default (our own families)."""
+    if list(candidates) == list(CALIBRATION_CANDIDATES):
+        return ""
+    if set(CALIBRATION_CANDIDATES) <= set(candidates):
+        return " from ours + " + ", ".join(c for c in candidates if c not in CALIBRATION_CANDIDATES)
+    return " from " + ", ".join(candidates)
 
 
 def plan_density(plan: sv.SparsityPlan, layout: sv.VideoLayout, num_steps: int) -> float:
@@ -125,9 +148,9 @@ def run(args, p):
     tile = tuple(int(x) for x in args.tile.split(","))
     if len(tile) != 3:
         p.error(f"--tile must be t,h,w, got {args.tile}")
-    unknown = sorted(set(args.families) - set(FAMILIES))
+    unknown = sorted((set(args.families) | set(args.calibration_candidates)) - set(FAMILIES))
     if unknown:
-        p.error(f"unknown families {unknown}; valid: {list(FAMILIES)}")
+        p.error(f"unknown families {unknown} (--families, --calibration-candidates); valid: {list(FAMILIES)}")
     runner = Runner(args)
     transformer = runner.pipe.transformer
     layout = sv.VideoLayout(frames=shapes.FRAMES, height=shapes.SIZE // 2, width=shapes.SIZE // 2, tile=tile, text_len=0)
@@ -156,16 +179,38 @@ def run(args, p):
         for budget in (args.ladder_budgets if ladders else args.budgets):
             t0 = time.perf_counter()
             plan = sv.calibrate(runner.pipe, prompts=calib_prompts, negative_prompt="",
-                                candidates=list(CALIBRATION_CANDIDATES), ladders=ladders, error_budget=budget,
+                                candidates=list(args.calibration_candidates), ladders=ladders, error_budget=budget,
                                 tile=tile, sample_steps=(0.25, 0.5, 0.75, 0.95), backend=runner.backend,
                                 progress=False, **runner.kwargs)
             calib_s = time.perf_counter() - t0
             plan.dense_steps = args.dense_steps  # the same warm-up as every uniform plan
             dense_heads = sum(s["kind"] == "dense" for i in range(plan.num_layers) for s in
                               (sv.masks.normalize_spec(x) for x in plan.layer_specs(i)))
-            record("calibrated", f"budget {budget}{' +ladders' if ladders else ''}", plan,
+            label = label_of(args.calibration_candidates)
+            record("calibrated", f"budget {budget}{' +ladders' if ladders else ''}{label}", plan,
                    {"budget": budget, "ladders": ladders, "calibration_s": calib_s, "dense_heads": dense_heads,
+                    "candidates": list(args.calibration_candidates),
                     "heads": plan.num_layers * plan.num_heads})
+    # One measurement for every target: the first calibration's checkpoint holds every record, so the
+    # later ones only decide (their calibration_s is that, not a measurement).
+    measured = pathlib.Path(args.target_measurements or
+                            pathlib.Path(tempfile.mkdtemp(prefix="bench_quality_")) / "measurements.json")
+    for target in args.target_densities:
+        t0 = time.perf_counter()
+        plan = sv.calibrate(runner.pipe, prompts=calib_prompts, negative_prompt="",
+                            candidates=list(args.calibration_candidates), ladders=True,
+                            error_budget=args.target_error_budget, target_density=target,
+                            dense_steps=args.dense_steps, tile=tile,
+                            sample_steps=(0.25, 0.5, 0.75, 0.95), backend=runner.backend, progress=False,
+                            checkpoint=measured, **runner.kwargs)
+        calib_s = time.perf_counter() - t0
+        plan.dense_steps = args.dense_steps  # the same warm-up as every uniform plan
+        dense_heads = sum(s["kind"] == "dense" for i in range(plan.num_layers) for s in
+                          (sv.masks.normalize_spec(x) for x in plan.layer_specs(i)))
+        record("calibrated", f"density {target} +ladders{label_of(args.calibration_candidates)}", plan,
+               {"target_density": target, "budget": args.target_error_budget, "ladders": True,
+                "calibration_s": calib_s, "dense_heads": dense_heads, "heads": plan.num_layers * plan.num_heads,
+                "candidates": list(args.calibration_candidates)})
     if args.option_budgets:
         compare_options(args, runner, tile, calib_prompts, record)
     device = runner.device
@@ -222,10 +267,23 @@ def compare_options(args, runner, tile, calib_prompts, record) -> None:
                 record("calibrated", f"budget {budget} {name}", plan, extra)
 
 
+def series_of(row) -> str:
+    """The curve a calibrated row belongs to in the picture."""
+    name = {None: "calibrated + ladders" if row["ladders"] else "calibrated"}.get(
+        row.get("options"), f"calibrated, {'+ ' if row.get('options') != 'static' else ''}{row.get('options')}"
+                            f"{' + ladders' if row.get('options') == 'static' else ''}")
+    candidates = row.get("candidates") or list(CALIBRATION_CANDIDATES)
+    if set(candidates) - set(CALIBRATION_CANDIDATES):
+        name += ", ours + peers' families"
+    if row.get("target_density") is not None:
+        name += ", to a density"
+    return name
+
+
 def plot(rows, path, meta):
     from sparse_vdit.viz import figure
 
-    fig, axes = figure(1, 2, figsize=(11, 4.2), dpi=110)
+    fig, axes = figure(1, 2, figsize=(14, 4.4), dpi=110)
     axes = axes[0]
     # Plans that end up dense everywhere equal the dense video (PSNR infinite): left out of the picture.
     rows = [r for r in rows if r["latent_rel_err"] > 0]
@@ -233,25 +291,25 @@ def plot(rows, path, meta):
         for fam in sorted({r["family"] for r in rows if r["kind"] == "uniform"}):
             pts = sorted((r["density"], r[key]) for r in rows if r.get("family") == fam)
             ax.plot(*zip(*pts), marker="o", ms=3.5, lw=1.2, label=fam)
-        for ladders, options, style, series in ((False, None, "k-s", "calibrated"),
-                                               (True, None, "r-D", "calibrated + ladders"),
-                                               (True, "static", "k-s", "calibrated, static + ladders"),
-                                               (True, "dynamic", "c-^", "calibrated, + dynamic"),
-                                               (True, "temperature", "y-v", "calibrated, + temperature"),
-                                               (True, "dynamic + temperature", "m-D",
-                                                "calibrated, + dynamic + temperature")):
-            pts = sorted((r["density"], r[key]) for r in rows if r["kind"] == "calibrated" and r["ladders"] == ladders
-                         and r.get("options") == options)
-            if pts:
-                ax.plot(*zip(*pts), style, ms=5, lw=2, label=series)
+        styles = {"calibrated": "k-s", "calibrated + ladders": "r-D", "calibrated, static + ladders": "k-s",
+                  "calibrated, + dynamic": "c-^", "calibrated, + temperature": "y-v",
+                  "calibrated, + dynamic + temperature": "m-D"}
+        extra_styles = iter(["b-P", "g-*", "-X", "-h", "-p", "-d"])
+        series: dict[str, list] = {}
+        for r in rows:
+            if r["kind"] == "calibrated":
+                series.setdefault(series_of(r), []).append((r["density"], r[key]))
+        for name, pts in series.items():
+            style = styles.get(name) or styles.setdefault(name, next(extra_styles, "-o"))
+            ax.plot(*zip(*sorted(pts)), style, ms=5 if "*" not in style else 8, lw=2, label=name)
         ax.set_xlabel("attention density over the generation (1 = dense)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right", ncol=2)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plots: over none of the points
     fig.suptitle(f"learned tiny Wan, {len(meta['held_out'])} held-out prompts, {meta['steps']} steps "
                  f"(first {meta['dense_steps']:.0%} dense), {meta['device']}; plans equal to dense not drawn", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, metadata={"Description": f"device: {meta['device']}; torch {meta['torch']}"})
+    fig.savefig(path, bbox_inches="tight", metadata={"Description": f"device: {meta['device']}; torch {meta['torch']}"})
     return path
 
 

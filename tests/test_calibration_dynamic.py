@@ -98,3 +98,81 @@ def test_calibration_refuses_candidates_with_a_temperature_and_bad_temperatures(
         sv.calibrate(model, run=_run(), candidates=[dict(STATIC, temperature=1.2)], progress=False)
     with pytest.raises(ValueError, match="temperatures must be positive"):
         sv.calibrate(model, run=_run(), candidates=[STATIC], temperatures=(0.0,), progress=False)
+
+
+A = normalize_spec({"kind": "sliding_tile", "window": [1, 3, 3]})
+B = normalize_spec({"kind": "sliding_tile", "window": [3, 3, 3]})
+
+
+def _ab_record(errors, densities):
+    """One layer's record over [A, B] x (plain, +sinks), at temperature 1."""
+    names = option_names([A, B], ())
+    return {"layer": 0, "step": 5, "options": names, "errors": errors, "densities": densities,
+            "sink_frames": [[] for _ in errors[0]], "selection_cost": None}
+
+
+def _totals(out):
+    """(summed squared error, mean cost) of a decision's heads."""
+    info = out["per_head"][0]
+    return sum(i["error"] ** 2 for i in info), sum(i["density"] for i in info) / len(info)
+
+
+def test_target_density_spends_the_error_where_it_buys_the_most_density():
+    """A stated invariant checked by brute force: the allocation's summed squared error is the least of every
+    assignment of options (dense included) to heads that costs no more than it, and it meets the
+    target; where a threshold spends error on a head that saves little, the allocation keeps it dense."""
+    import itertools
+
+    g = torch.Generator().manual_seed(3)
+    heads = 6
+    errors = (torch.rand(4, heads, generator=g) * 0.3).tolist()
+    densities = (0.1 + torch.rand(4, heads, generator=g) * 0.6).tolist()
+    rec = _ab_record(errors, densities)
+    for target in (0.4, 0.55, 0.7, 0.85):
+        out = decide([rec], [A, B], 1, heads, num_steps=10, error_budget=0.9, warmup_choices=(0.0,),
+                     target_density=target)
+        err, cost = _totals(out)
+        assert cost <= target + 1e-6 and out["expected_attention_cost"] == pytest.approx(cost)
+        options = [[(errors[o][h], densities[o][h]) for o in range(4)] + [(0.0, 1.0)] for h in range(heads)]
+        best = min(sum(e * e for e, _ in combo) for combo in itertools.product(*options)
+                   if sum(d for _, d in combo) / heads <= cost + 1e-9)
+        assert err == pytest.approx(best, abs=1e-8), target
+        # and it is on target: one trade-off for all heads can miss the best assignment within the
+        # target by one head's change of option at most; on these heads it misses nothing
+        at_target = min(sum(e * e for e, _ in combo) for combo in itertools.product(*options)
+                        if sum(d for _, d in combo) / heads <= target + 1e-9)
+        assert err <= at_target + 1e-8, target
+    # Head 0: cheap and nearly free; head 1: its only mask costs error 0.09 for little saving.
+    errors = [[0.01, 0.09], [0.01, 0.09], [0.01, 0.09], [0.01, 0.09]]
+    densities = [[0.2, 0.9], [0.2, 0.9], [0.2, 0.9], [0.2, 0.9]]
+    rec = _ab_record(errors, densities)
+    threshold = decide([rec], [A, B], 1, 2, num_steps=10, error_budget=0.1, warmup_choices=(0.0,))
+    t_err, t_cost = _totals(threshold)
+    assert [s["kind"] for s in threshold["heads"][0]] == ["sliding_tile", "sliding_tile"]
+    allocated = decide([rec], [A, B], 1, 2, num_steps=10, error_budget=0.1, warmup_choices=(0.0,),
+                       target_density=0.6)
+    a_err, a_cost = _totals(allocated)
+    assert a_cost <= 0.6 + 1e-6 and a_err < t_err / 50 and t_cost == pytest.approx(0.55)
+    assert allocated["heads"][0][1]["kind"] == "dense"
+    assert "density target" in allocated["per_head"][0][1]["reason"]
+    from sparse_vdit.calibration.calibrate import dense_reasons
+
+    plan = type("P", (), {"metrics": {"per_head": allocated["per_head"], "target_density": 0.6,
+                                      "error_budget": 0.1}})()
+    assert dense_reasons(plan) == ["1/2 heads dense: the density target 0.6 is met without them (best candidate "
+                                   "error 0.09 (median), sliding_tile(1,3,3))"]
+
+
+def test_target_density_and_dense_steps_must_be_fractions():
+    for bad in ({"target_density": 1.5}, {"target_density": 0.0}, {"dense_steps": 1.0}, {"dense_steps": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sv.calibrate(tiny_wan_transformer(num_layers=1), run=_wan_run(), **bad)
+
+
+def test_dense_steps_fixes_the_warm_up():
+    m = tiny_wan_transformer(num_layers=1)
+    plant_local_attention(m, [0], sharpness=8.0)
+    for warm in (0.0, 0.25):
+        plan = sv.calibrate(m, run=_wan_run(), num_inference_steps=4, dense_steps=warm, error_budget=0.5,
+                            progress=False)
+        assert plan.dense_steps == warm

@@ -49,21 +49,30 @@ def save_analysis(report: dict, folder) -> list[pathlib.Path]:
     fig.suptitle(wrap_title(f"{report['model']}: {report.get('layout') or ''}", 13), fontsize=9)
     _save(fig, folder, "structure.png", paths)
 
-    # Sparsity: pruning sensitivity per layer; layers that cannot be pruned in red.
+    # Sparsity: pruning sensitivity per layer, coloured by depth; layers that cannot be pruned solid,
+    # the others dashed.
+    import matplotlib as mpl
+
     fracs = report["fractions"]
     fig, axes = figure(1, 1, figsize=(6.5, 4.2))
     ax = axes[0, 0]
-    for entry in layers:
+    cmap = mpl.colormaps["viridis"]
+    depth = max(len(layers) - 1, 1)
+    for i, entry in enumerate(layers):
         curve = [entry["pruning_curve"][str(f)] for f in fracs]
         bad = entry["cannot_be_pruned"]
-        ax.plot(fracs, curve, "o-", color="tab:red" if bad else "tab:blue", alpha=0.9 if bad else 0.5,
-                label=f"layer {entry['layer']}" + (" (cannot be pruned)" if bad else ""))
+        ax.plot(fracs, curve, "o-" if bad else "o--", color=cmap(0.9 * i / depth), alpha=0.9 if bad else 0.6,
+                ms=4, label=f"layer {entry['layer']}" + (" (cannot be pruned)" if bad else "")
+                if len(layers) <= 12 else None)
     ax.axhline(report["budget"], color="gray", ls=":", label=f"budget {report['budget']}")
     ax.axvline(report["prune_fraction"], color="gray", ls="--", lw=0.8)
     ax.set_xlabel("kept fraction of key blocks (top-k by attention mass)")
     ax.set_ylabel("relative output error (mean over heads)")
     ax.set_yscale("log")
-    ax.set_title("sparsity: pruning sensitivity per layer", fontsize=9)
+    ax.set_title("sparsity: pruning sensitivity per layer (solid: cannot be pruned within the budget)", fontsize=9)
+    if len(layers) > 12:  # a legend entry per layer would cover the plot: a depth colour bar instead
+        sm = mpl.cm.ScalarMappable(cmap=cmap, norm=mpl.colors.Normalize(0, depth / 0.9))
+        fig.colorbar(sm, ax=ax, fraction=0.046, label="layer")
     ax.legend(fontsize=6, ncol=2)
     _save(fig, folder, "sparsity.png", paths)
 

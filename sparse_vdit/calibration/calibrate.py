@@ -133,7 +133,10 @@ class MeasuringAttention(AttentionStrategy):
         selection over that static part (cached)."""
         key = (id(blocks), layout, tuple(map(tuple, sinks)))
         if key not in self._sink_masks:
-            if len(self._sink_masks) >= _MAX_CACHED:
+            # One set of sink frames' masks at a time: each layer and step may find other sinks, and a
+            # mask holds its token-level form on the CPU (N x N per head; 80 MB at 2,048 tokens and four
+            # heads), so keeping 256 of them ran a 29-rung calibration out of memory (24 GB).
+            if len(self._sink_masks) >= min(_MAX_CACHED, len(self.candidates)):
                 self._sink_masks.clear()
             per_head = blocks.expand(len(sinks), -1, -1).clone()
             for h, frames in enumerate(sinks):
@@ -212,9 +215,18 @@ def sample_step_indices(num_steps: int, sample: Sequence[float] | None) -> list[
 
 
 def decide(records: list[dict], candidates: list[dict], num_layers: int, num_heads: int, num_steps: int,
-           error_budget: float, warmup_choices=WARMUP_CHOICES, temperatures: Sequence[float] = ()) -> dict[str, Any]:
+           error_budget: float, warmup_choices=WARMUP_CHOICES, temperatures: Sequence[float] = (),
+           target_density: float | None = None) -> dict[str, Any]:
     """Choose per head the cheapest candidate within ``error_budget`` (worst case over prompts and the
     sampled steps after the warm-up), else dense; pick the warm-up that minimizes expected cost.
+
+    With ``target_density`` the per-head threshold gives way to an allocation: every head takes the
+    option (dense included, at error 0 and cost 1) that minimizes ``error ** 2 + lam * cost``, with one
+    ``lam`` for the whole model, the smallest that brings the expected attention cost to the target;
+    options over ``error_budget`` stay out. At a given density that minimizes the sum of the heads'
+    squared errors (heads' output errors add in quadrature in the layer's output), where a threshold
+    lets every head it sparsifies err up to the budget. The warm-up is the one whose allocation has the
+    least summed squared error.
 
     A candidate's cost is its mean density, plus, for a dynamic one, its selection's cost per call
     (``LayerMeasurement.selection_cost``), against 1 for dense. With ``temperatures`` measured too,
@@ -255,6 +267,14 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
         cost = cost_sum / seen[:, None, None]
         ok = worst <= error_budget
         cost_if_ok = torch.where(ok, cost, torch.full_like(cost, 2.0))
+        if target_density is not None:
+            choice, choice_cost, total_error = _allocate(worst, cost, ok, (target_density - warm) / (1 - warm))
+            head_cost = choice_cost.clamp(max=1.0)
+            expected = warm + (1 - warm) * float(head_cost.mean())
+            key = (expected > target_density + 1e-6, total_error, expected)  # on target first, then least error
+            if best is None or key < best[0]:
+                best = (key, warm, choice, choice_cost, worst, density, expected)
+            continue
         # The mask (candidate, sinks) first: the cheapest within budget at any temperature ...
         _, mask_choice = cost_if_ok.view(num_layers, nT, 2 * C, num_heads).min(dim=1).values.min(dim=1)  # [L, H]
         # ... then at that mask the temperature with the lowest error (1 unless another is lower).
@@ -267,10 +287,10 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
         head_cost = choice_cost.clamp(max=1.0)
         expected = warm + (1 - warm) * float(head_cost.mean())
         if best is None or expected < best[0] - 1e-9:
-            best = (expected, warm, choice, choice_cost, worst, density)
+            best = (expected, warm, choice, choice_cost, worst, density, expected)
     if best is None:
         raise ValueError("calibration measured no layer at the sampled steps: give more steps or prompts")
-    expected, warm, choice, choice_cost, worst, density = best
+    _, warm, choice, choice_cost, worst, density, expected = best
     heads, per_head = [], []
     for layer in range(num_layers):
         row, info = [], []
@@ -291,7 +311,10 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
             reason = best_name = None
             if spec["kind"] == "dense":
                 best_name = min(by_option, key=by_option.get)
-                if by_option[best_name] > error_budget:
+                if target_density is not None and by_option[best_name] <= error_budget:
+                    reason = (f"the density target {target_density:g} left it dense: its error would cost more than "
+                              f"its attention saves elsewhere (best option {best_name}, error {by_option[best_name]:.3g})")
+                elif by_option[best_name] > error_budget:
                     reason = f"best candidate error {by_option[best_name]:.3g} > budget {error_budget:g} ({best_name})"
                 else:
                     reason = (f"the candidates within budget visit every block of this grid ({best_name}): "
@@ -314,6 +337,37 @@ def decide(records: list[dict], candidates: list[dict], num_layers: int, num_hea
             "expected_attention_cost": expected}
 
 
+def _allocate(worst: torch.Tensor, cost: torch.Tensor, ok: torch.Tensor, target: float, iters: int = 60):
+    """Per head (``worst``, ``cost``, ``ok``: [L, O, H]) the option minimizing ``worst ** 2 + lam * cost``,
+    dense (error 0, cost 1) among them, with the smallest ``lam`` whose mean head cost is at most
+    ``target`` (a bisection; cost falls as ``lam`` grows). Returns (choice [L, H], its cost, 1 or more
+    where dense, and the summed squared error)."""
+    worst = torch.where(ok, worst.double() ** 2, torch.full_like(worst, float("inf"), dtype=torch.float64))
+    cost = cost.double()
+    cost = torch.where(ok, cost.clamp(max=1.0), torch.ones_like(cost))
+
+    def pick(lam: float):
+        score = worst + lam * cost
+        value, choice = score.min(dim=1)  # [L, H]
+        sparse = value < lam * 1.0  # beats dense (score lam) strictly
+        chosen_cost = torch.where(sparse, cost.gather(1, choice[:, None, :]).squeeze(1), torch.full_like(value, 2.0))
+        error = torch.where(sparse, worst.gather(1, choice[:, None, :]).squeeze(1), torch.zeros_like(value))
+        return choice, chosen_cost, error
+
+    target = target + 1e-6  # densities are float32
+    lo, hi = 0.0, 1.0
+    while float(pick(hi)[1].clamp(max=1.0).mean()) > target and hi < 1e6:
+        lo, hi = hi, hi * 4
+    for _ in range(iters):  # the smallest lam on target: least error
+        mid = (lo + hi) / 2
+        if float(pick(mid)[1].clamp(max=1.0).mean()) > target:
+            lo = mid
+        else:
+            hi = mid
+    choice, chosen_cost, error = pick(hi)
+    return choice, chosen_cost, float(error.sum())
+
+
 def dense_reasons(plan) -> list[str]:
     """Why the calibrated plan's dense heads are dense, one line per reason with its head count
     (from ``plan.metrics["per_head"]``), e.g. ``"12/12 heads: best candidate error 0.31 > budget 0.05
@@ -329,6 +383,9 @@ def dense_reasons(plan) -> list[str]:
             if reason.startswith("best candidate error"):
                 name = head["best_option"]
                 groups.setdefault(("error", name), []).append(head["worst_error_by_option"][name])
+            elif reason.startswith("the density target"):
+                name = head["best_option"]
+                groups.setdefault(("target", name), []).append(head["worst_error_by_option"][name])
             else:
                 groups.setdefault(("full", reason), []).append(0.0)
     lines = []
@@ -338,6 +395,11 @@ def dense_reasons(plan) -> list[str]:
             median = sorted(errors)[len(errors) // 2]
             lines.append(f"{len(errors)}/{total} heads dense: best candidate error {median:.3g} (median) > budget "
                          f"{budget:g} ({what})")
+        elif kind == "target":
+            median = sorted(errors)[len(errors) // 2]
+            lines.append(f"{len(errors)}/{total} heads dense: the density target "
+                         f"{plan.metrics.get('target_density'):g} is met without them (best candidate error "
+                         f"{median:.3g} (median), {what})")
         else:
             lines.append(f"{len(errors)}/{total} heads dense: {what}")
     return lines
@@ -379,6 +441,8 @@ def calibrate(
     candidates: Sequence[str | dict] = DEFAULT_CANDIDATES,
     ladders: bool = False,
     error_budget: float = 0.05,
+    target_density: float | None = None,
+    dense_steps: float | None = None,
     tile: tuple[int, int, int] = (1, 8, 8),
     block: int | None = None,
     order: str = "fhw",
@@ -409,6 +473,14 @@ def calibrate(
             budget only with it, and a head keeps a temperature only where it lowers the error of
             its chosen mask. Costs one more measurement of every candidate per temperature.
         error_budget: largest allowed relative error ||O_mask - O_dense|| / ||O_dense|| per head.
+        target_density: instead of the cheapest mask within ``error_budget`` in every head, spend a
+            given attention density where it buys the most: the plan's expected attention cost
+            (dense warm-up steps and dense heads count 1) is brought to this fraction of dense with
+            the least summed per-head error (one trade-off between error and density for all heads;
+            masks over ``error_budget`` still stay out, so pass a loose one, e.g. 0.5, to let every
+            head compete). Use it to compare with a uniform mask at its density.
+        dense_steps: the dense warm-up (a fraction of the steps) the plan keeps; by default the one
+            among 0, 0.1, 0.2 and 0.3 that costs least (with ``target_density``: errs least).
         tile, block, order: the token layout the plan's masks are built on (``VideoLayout``); e.g.
             ``tile=(6, 8, 8), block=64`` for STA's tiles, ``tile=(0, 0, 0), block=64`` for raster order.
         sample_steps: fractions of the schedule at which to measure (default 7 points).
@@ -426,6 +498,10 @@ def calibrate(
     adapter_for(transformer)
     if not 0 < error_budget < 1:
         raise ValueError(f"error_budget must lie in (0, 1), got {error_budget}")
+    if target_density is not None and (isinstance(target_density, bool) or not 0 < target_density <= 1):
+        raise ValueError(f"target_density is a fraction of dense attention in (0, 1], got {target_density!r}")
+    if dense_steps is not None and (isinstance(dense_steps, bool) or not 0 <= dense_steps < 1):
+        raise ValueError(f"dense_steps is a fraction of the denoising steps in [0, 1), got {dense_steps!r}")
     expanded = []
     for c in candidates:
         expanded.extend(ladder(c) if ladders and isinstance(c, str) else [normalize_spec(c)])
@@ -510,9 +586,10 @@ def calibrate(
 
     def make_plan(budget):
         d = decide(done["records"], cand, base.num_layers, base.num_heads, num_inference_steps, budget,
-                   temperatures=temps)
+                   temperatures=temps, target_density=target_density,
+                   warmup_choices=WARMUP_CHOICES if dense_steps is None else (float(dense_steps),))
         metrics = {
-            "error_budget": budget, "candidates": [spec_name(c) for c in cand], "temperatures": list(temps),
+            "error_budget": budget, "target_density": target_density, "candidates": [spec_name(c) for c in cand], "temperatures": list(temps),
             "sampled_steps": steps,
             "num_inference_steps": num_inference_steps, "prompts": num_prompts,
             "layout": layout.describe() if layout else None,

@@ -40,6 +40,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "instead of its default alone")
     p.add_argument("--error-budget", type=float, default=0.05,
                    help="largest relative output error per head, in (0, 1)")
+    p.add_argument("--target-density", type=float, default=None,
+                   help="spend this fraction of dense attention, in (0, 1], where it lowers the heads' summed "
+                        "error most, instead of the cheapest mask within --error-budget per head (masks over "
+                        "the budget still stay out: pass a loose one, e.g. 0.5)")
     p.add_argument("--tile", default="1,8,8", help="tile t,h,w in latent tokens (volume a power of two >= 16 "
                    "unless --block is given; 0: the whole axis)")
     add_layout_options(p)
@@ -87,6 +91,8 @@ def run(args, p) -> int:
     except ValueError:
         p.error(f"--temperatures must be comma-separated numbers, got {args.temperatures!r}")
     check_fraction(p, "--error-budget", args.error_budget)
+    if args.target_density is not None and not 0 < args.target_density <= 1:
+        p.error(f"--target-density must lie in (0, 1], got {args.target_density}")
     if args.global_budget is not None and not args.global_budget > 0:
         p.error(f"--global-budget must be > 0, got {args.global_budget}")
     if args.tiny and (args.prompts or args.prompt_embeds):
@@ -146,8 +152,8 @@ def run(args, p) -> int:
             kw["guidance_scale"] = args.guidance_scale
         steps = args.steps
     plan = sv.calibrate(target, num_inference_steps=steps, candidates=candidates, ladders=args.ladders,
-                        error_budget=args.error_budget, temperatures=temperatures,
-                        tile=tile, block=args.block, order=args.order, checkpoint=args.checkpoint, global_budget=args.global_budget, **kw)
+                        error_budget=args.error_budget, target_density=args.target_density,
+                        temperatures=temperatures, tile=tile, block=args.block, order=args.order, checkpoint=args.checkpoint, global_budget=args.global_budget, **kw)
     out = plan.save(args.out)
     report = pathlib.Path(args.report) if args.report else out.parent / (out.stem + "_report")
     paths = sv.calibration.save_report(plan, report)

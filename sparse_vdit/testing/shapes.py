@@ -14,7 +14,7 @@ interpolates linearly between them. With patch size (1, 2, 2) the transformer se
 2,048 video tokens, 32 blocks of 64.
 
 :func:`learned_wan_pipeline` loads the weights shipped in the package (trained by
-``python -m sparse_vdit.testing.train_shapes``); :func:`describe` reads colour and direction back
+``python -m sparse_vdit.testing.train_shapes --curriculum --object-weight 9``); :func:`describe` reads colour and direction back
 from frames, to check that a video shows what its prompt says.
 """
 from __future__ import annotations
