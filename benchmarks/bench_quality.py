@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
 import tempfile
 import time
@@ -36,6 +35,7 @@ FAMILIES = ("sta", "radial_attn", "svg_spatial", "svg_temporal", "sliding_tile",
             "dynamic")
 DEFAULT_FAMILIES = ("sta", "radial_attn", "svg_spatial", "svg_temporal", "sliding_tile", "radial")
 CALIBRATION_CANDIDATES = ("sliding_tile", "radial", "spatial", "temporal")
+PEER_FAMILIES = ("sta", "radial_attn", "svg_spatial", "svg_temporal")
 # what calibration may choose besides the static families' ladders: (the dynamic family, temperatures)
 OPTION_SETS = {"static": (False, False), "dynamic": (True, False), "temperature": (False, True),
                "dynamic + temperature": (True, True)}
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-prompts", type=int, default=2, help="training prompts to calibrate on")
     p.add_argument("--target-densities", nargs="*", type=float, default=[],
                    help="also calibrate (with ladders) to each of these attention densities: the least summed "
-                        "per-head error at that density (calibrate(target_density=...), error budget "
+                        "squared per-head error at that density (calibrate(target_density=...), error budget "
                         "--target-error-budget)")
     p.add_argument("--target-error-budget", type=float, default=0.5,
                    help="with --target-densities: the per-head error no chosen mask may exceed")
@@ -175,44 +175,38 @@ def run(args, p):
     # Training prompts spread over colours and directions (never a held-out one).
     step = max(1, len(shapes.TRAIN_SCENES) // args.calibration_prompts)
     calib_prompts = [sc.prompt for sc in shapes.TRAIN_SCENES[step // 2::step]][:args.calibration_prompts]
+    def calibrated(**options):
+        """A plan calibrated on ``calib_prompts`` (``options`` to ``sv.calibrate``) with every plan's
+        warm-up, its seconds, and the row fields every calibration shares."""
+        t0 = time.perf_counter()
+        plan = sv.calibrate(runner.pipe, prompts=calib_prompts, negative_prompt="", tile=tile,
+                            sample_steps=(0.25, 0.5, 0.75, 0.95), backend=runner.backend, progress=False,
+                            **options, **runner.kwargs)
+        seconds = time.perf_counter() - t0
+        plan.dense_steps = args.dense_steps  # the same warm-up as every uniform plan
+        specs = [sv.masks.normalize_spec(x) for i in range(plan.num_layers) for x in plan.layer_specs(i)]
+        return plan, {"calibration_s": seconds, "dense_heads": sum(s["kind"] == "dense" for s in specs),
+                      "heads": len(specs), "candidates": list(options["candidates"])}, specs
+
+    label = label_of(args.calibration_candidates)
     for ladders in ([False] if args.no_ladder_calibration else [False, True]):
         for budget in (args.ladder_budgets if ladders else args.budgets):
-            t0 = time.perf_counter()
-            plan = sv.calibrate(runner.pipe, prompts=calib_prompts, negative_prompt="",
-                                candidates=list(args.calibration_candidates), ladders=ladders, error_budget=budget,
-                                tile=tile, sample_steps=(0.25, 0.5, 0.75, 0.95), backend=runner.backend,
-                                progress=False, **runner.kwargs)
-            calib_s = time.perf_counter() - t0
-            plan.dense_steps = args.dense_steps  # the same warm-up as every uniform plan
-            dense_heads = sum(s["kind"] == "dense" for i in range(plan.num_layers) for s in
-                              (sv.masks.normalize_spec(x) for x in plan.layer_specs(i)))
-            label = label_of(args.calibration_candidates)
+            plan, common_fields, _ = calibrated(candidates=list(args.calibration_candidates), ladders=ladders,
+                                                error_budget=budget)
             record("calibrated", f"budget {budget}{' +ladders' if ladders else ''}{label}", plan,
-                   {"budget": budget, "ladders": ladders, "calibration_s": calib_s, "dense_heads": dense_heads,
-                    "candidates": list(args.calibration_candidates),
-                    "heads": plan.num_layers * plan.num_heads})
-    # One measurement for every target: the first calibration's checkpoint holds every record, so the
-    # later ones only decide (their calibration_s is that, not a measurement).
-    measured = pathlib.Path(args.target_measurements or
-                            pathlib.Path(tempfile.mkdtemp(prefix="bench_quality_")) / "measurements.json")
-    for target in args.target_densities:
-        t0 = time.perf_counter()
-        plan = sv.calibrate(runner.pipe, prompts=calib_prompts, negative_prompt="",
-                            candidates=list(args.calibration_candidates), ladders=True,
-                            error_budget=args.target_error_budget, target_density=target,
-                            dense_steps=args.dense_steps, tile=tile,
-                            sample_steps=(0.25, 0.5, 0.75, 0.95), backend=runner.backend, progress=False,
-                            checkpoint=measured, **runner.kwargs)
-        calib_s = time.perf_counter() - t0
-        plan.dense_steps = args.dense_steps  # the same warm-up as every uniform plan
-        dense_heads = sum(s["kind"] == "dense" for i in range(plan.num_layers) for s in
-                          (sv.masks.normalize_spec(x) for x in plan.layer_specs(i)))
-        record("calibrated", f"density {target} +ladders{label_of(args.calibration_candidates)}", plan,
-               {"target_density": target, "budget": args.target_error_budget, "ladders": True,
-                "calibration_s": calib_s, "dense_heads": dense_heads, "heads": plan.num_layers * plan.num_heads,
-                "candidates": list(args.calibration_candidates)})
+                   {"budget": budget, "ladders": ladders, **common_fields})
+    # One measurement for every target, as compare_options does for its budgets: the first calibration's
+    # checkpoint holds every record, so the later ones only decide (their calibration_s is that).
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = args.target_measurements or f"{tmp}/measurements.json"
+        for target in args.target_densities:
+            plan, common_fields, _ = calibrated(candidates=list(args.calibration_candidates), ladders=True,
+                                                error_budget=args.target_error_budget, target_density=target,
+                                                dense_steps=args.dense_steps, checkpoint=measured)
+            record("calibrated", f"density {target} +ladders{label}", plan,
+                   {"target_density": target, "budget": args.target_error_budget, "ladders": True, **common_fields})
     if args.option_budgets:
-        compare_options(args, runner, tile, calib_prompts, record)
+        compare_options(args, calibrated, record)
     device = runner.device
     meta = common.result_meta(device, held_out=[sc.prompt for sc in runner.scenes], steps=args.steps,
                               dense_steps=args.dense_steps, tile=list(tile), dense_prompt_followed=dense_right,
@@ -230,13 +224,11 @@ def run(args, p):
     return path
 
 
-def compare_options(args, runner, tile, calib_prompts, record) -> None:
+def compare_options(args, calibrated, record) -> None:
     """Calibration with static candidates only (every family's ladder) against the same plus the
     dynamic family's ladder and ``--temperatures``, each measured once (a checkpoint), decided at
     every budget of ``--option-budgets``; rows say how many of the static plan's dense heads the
-    other runs sparse."""
-    import tempfile
-
+    other runs sparse. ``calibrated``: :func:`run`'s calibration with the shared settings."""
     options = [(name, [*CALIBRATION_CANDIDATES, *(["dynamic"] if OPTION_SETS[name][0] else [])],
                 tuple(args.temperatures) if OPTION_SETS[name][1] else ()) for name in args.option_sets]
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,18 +236,13 @@ def compare_options(args, runner, tile, calib_prompts, record) -> None:
         for name, candidates, temperatures in options:
             ckpt = f"{tmp}/{name.replace(' ', '').replace('+', '_')}.json"
             for budget in args.option_budgets:
-                t0 = time.perf_counter()
-                plan = sv.calibrate(runner.pipe, prompts=calib_prompts, negative_prompt="", candidates=candidates,
-                                    ladders=True, temperatures=temperatures, error_budget=budget, tile=tile,
-                                    sample_steps=(0.25, 0.5, 0.75, 0.95), backend=runner.backend, checkpoint=ckpt,
-                                    progress=False, **runner.kwargs)
-                calib_s = time.perf_counter() - t0  # the first budget measures; the others only decide
-                plan.dense_steps = args.dense_steps
-                specs = [(i, h, sv.masks.normalize_spec(s)) for i in range(plan.num_layers)
-                         for h, s in enumerate(plan.layer_specs(i))]
+                # the first budget measures; the others only decide
+                plan, common_fields, flat = calibrated(candidates=candidates, ladders=True, temperatures=temperatures,
+                                                       error_budget=budget, checkpoint=ckpt)
+                specs = [(i, h, flat[i * plan.num_heads + h]) for i in range(plan.num_layers)
+                         for h in range(plan.num_heads)]
                 dense = {(i, h) for i, h, s in specs if s["kind"] == "dense"}
-                extra = {"budget": budget, "ladders": True, "options": name, "calibration_s": calib_s,
-                         "dense_heads": len(dense), "heads": len(specs),
+                extra = {"budget": budget, "ladders": True, "options": name, **common_fields,
                          "dynamic_heads": sum(s["kind"] == "dynamic" for _, _, s in specs),
                          "temperature_heads": sum("temperature" in s for _, _, s in specs),
                          "temperatures": list(temperatures)}
@@ -269,11 +256,12 @@ def compare_options(args, runner, tile, calib_prompts, record) -> None:
 
 def series_of(row) -> str:
     """The curve a calibrated row belongs to in the picture."""
-    name = {None: "calibrated + ladders" if row["ladders"] else "calibrated"}.get(
-        row.get("options"), f"calibrated, {'+ ' if row.get('options') != 'static' else ''}{row.get('options')}"
-                            f"{' + ladders' if row.get('options') == 'static' else ''}")
-    candidates = row.get("candidates") or list(CALIBRATION_CANDIDATES)
-    if set(candidates) - set(CALIBRATION_CANDIDATES):
+    options = row.get("options")
+    if options is None:
+        name = "calibrated + ladders" if row["ladders"] else "calibrated"
+    else:
+        name = "calibrated, static + ladders" if options == "static" else f"calibrated, + {options}"
+    if set(row.get("candidates") or ()) & set(PEER_FAMILIES):
         name += ", ours + peers' families"
     if row.get("target_density") is not None:
         name += ", to a density"

@@ -101,11 +101,8 @@ def cross_attention(model, sigmas, text_tokens: int = shapes.MAX_TEXT_TOKENS, we
 def travel(video: torch.Tensor, direction: str) -> float:
     """How far (px) the object's centroid (``shapes.track``) went from the first frame it is found in to
     the last, along ``direction``'s vector (the data's: 17.5 px); NaN where no object is found."""
-    centroids, _ = shapes.track(video)
-    idx = (~torch.isnan(centroids[:, 0])).nonzero().flatten()
-    if len(idx) < 2:
-        return float("nan")
-    return float(((centroids[idx[-1]] - centroids[idx[0]]) * torch.tensor(shapes.DIRECTIONS[direction])).sum())
+    move = shapes.travel(shapes.track(video)[0])
+    return float("nan") if move is None else float((move * torch.tensor(shapes.DIRECTIONS[direction])).sum())
 
 
 def generate(weights=None, seeds: int = 1, guidance_scale: float | None = None) -> dict[str, dict[str, int]]:

@@ -176,3 +176,20 @@ def test_dense_steps_fixes_the_warm_up():
         plan = sv.calibrate(m, run=_wan_run(), num_inference_steps=4, dense_steps=warm, error_budget=0.5,
                             progress=False)
         assert plan.dense_steps == warm
+
+
+def test_sink_variant_masks_are_kept_for_one_set_of_sinks_at_a_time():
+    """Each layer and step may find other sink frames; a mask holds its token-level form, so the
+    calibration keeps at most one sink set's masks (a 29-rung calibration once ran out of memory)."""
+    from sparse_vdit.calibration.calibrate import MeasuringAttention
+    from sparse_vdit.masks import block_matrix
+
+    layout = sv.VideoLayout(6, 16, 16, (1, 4, 4))
+    measurer = MeasuringAttention([A, B], {0}, None, 4.0)
+    blocks = [block_matrix(c, layout) for c in (A, B)]
+    for frame in range(6):
+        sinks = [[frame], [], [], []]
+        made = [measurer._with_sinks(c, b, sinks, layout, torch.device("cpu")) for c, b in zip((A, B), blocks)]
+        assert len(measurer._sink_masks) <= 2
+        again = [measurer._with_sinks(c, b, sinks, layout, torch.device("cpu")) for c, b in zip((A, B), blocks)]
+        assert all(x is y for x, y in zip(made, again))  # the current set is still reused

@@ -134,8 +134,9 @@ class MeasuringAttention(AttentionStrategy):
         key = (id(blocks), layout, tuple(map(tuple, sinks)))
         if key not in self._sink_masks:
             # One set of sink frames' masks at a time: each layer and step may find other sinks, and a
-            # mask holds its token-level form on the CPU (N x N per head; 80 MB at 2,048 tokens and four
-            # heads), so keeping 256 of them ran a 29-rung calibration out of memory (24 GB).
+            # mask holds its token-level form on the CPU (N x N per head, boolean and additive: 80 MB at
+            # 2,048 tokens and four heads), so keeping 256 of them got a 29-rung calibration killed for
+            # memory at 24 GB.
             if len(self._sink_masks) >= min(_MAX_CACHED, len(self.candidates)):
                 self._sink_masks.clear()
             per_head = blocks.expand(len(sinks), -1, -1).clone()
@@ -476,7 +477,7 @@ def calibrate(
         target_density: instead of the cheapest mask within ``error_budget`` in every head, spend a
             given attention density where it buys the most: the plan's expected attention cost
             (dense warm-up steps and dense heads count 1) is brought to this fraction of dense with
-            the least summed per-head error (one trade-off between error and density for all heads;
+            the least summed squared per-head error (one trade-off between error and density for all heads;
             masks over ``error_budget`` still stay out, so pass a loose one, e.g. 0.5, to let every
             head compete). Use it to compare with a uniform mask at its density.
         dense_steps: the dense warm-up (a fraction of the steps) the plan keeps; by default the one

@@ -253,6 +253,13 @@ def track(video: torch.Tensor):
     return torch.tensor(centroids), torch.stack(colours)
 
 
+def travel(centroids: torch.Tensor) -> torch.Tensor | None:
+    """The object's move ``(dy, dx)`` from the first frame it is found in to the last (``centroids``
+    from :func:`track`), or None where it is found in fewer than two frames."""
+    idx = (~torch.isnan(centroids[:, 0])).nonzero().flatten()
+    return centroids[idx[-1]] - centroids[idx[0]] if len(idx) >= 2 else None
+
+
 def describe(video: torch.Tensor) -> tuple[str | None, str | None]:
     """(colour, direction) that the frames show, or None where they show none: the colour nearest the
     object's mean colour, and the axis and sign of its centroid's travel from first to last frame."""
@@ -262,8 +269,7 @@ def describe(video: torch.Tensor) -> tuple[str | None, str | None]:
         return None, None
     mean = colours[ok].mean(0) * 2 - 1  # back to [-1, 1]
     colour = min(COLOURS, key=lambda c: float(((torch.tensor(COLOURS[c]) - mean) ** 2).sum()))
-    idx = ok.nonzero().flatten()
-    dy, dx = (centroids[idx[-1]] - centroids[idx[0]]).tolist()
+    dy, dx = travel(centroids).tolist()
     if max(abs(dy), abs(dx)) < 3.0:
         return colour, None
     direction = ("down" if dy > 0 else "up") if abs(dy) > abs(dx) else ("right" if dx > 0 else "left")
