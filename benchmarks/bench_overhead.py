@@ -221,7 +221,8 @@ def gpu_rows(name: str, reps: int, device: str = "cuda", shape: tuple | None = N
         t, kt_tab = _query_and_key_tables(qh, order, kv_order, tiles[0].shape[-1], rows_t, mask.kv_block)
 
         def kernel():
-            return block_sparse_attention_tiled_fwd(qh, t.order, kt, vt, *tiles, kt_tab.valid, kt_tab.block_pad,
+            return block_sparse_attention_tiled_fwd(qh, t.order, kt, vt, *tiles, kt_tab.key_starts, kt_tab.key_rows,
+                                                    kt_tab.key_short,
                                                     D ** -0.5, rows_t, mask.q_block, mask.kv_block)
 
         tq = text_queries(layout)

@@ -63,8 +63,8 @@ def test_cpu_auto_times_both_paths_and_caches_its_choice(nan_empty, monkeypatch)
     assert torch.equal(o, o2)
 
 
-def _layer_call(specs, text=0, where="after", B=2, key_mask=False, heads=4):
-    layout = sv.VideoLayout(2, 8, 16, tile=(1, 8, 8), text_len=text, text_position=where)
+def _layer_call(specs, text=0, where="after", B=2, key_mask=False, heads=4, grid=(2, 8, 16)):
+    layout = sv.VideoLayout(*grid, tile=(1, 8, 8), text_len=text, text_position=where)
     plan = sv.SparsityPlan(heads=[[specs[h % len(specs)] for h in range(heads)]], tile=(1, 8, 8))
     proc = sv.SparseAttnProcessor(plan, backend="triton")
     groups = proc.head_groups(0, layout, "cpu")
@@ -102,6 +102,68 @@ def test_one_spec_layer_call_host_work(text, where):
     produced = s["allocated_bytes"] + s["written_bytes"] + s["kernel_output_bytes"]
     text_rows = 2 * text / q.shape[1] * size_q
     assert produced <= (2 * L / q.shape[1] + 1) * size_q + text_rows + q.shape[0] * q.shape[2] * q.shape[1] * 4
+
+
+def test_packed_keys_are_each_blocks_keys_one_after_another():
+    """The packed key layout against a plain loop over the blocks: each block's keys in order, no
+    padding between blocks, -1 after the last key; ``starts`` where each block begins; and the way
+    back (``packed_source``) to the padded positions. 1-D and per batch element."""
+    from sparse_vdit.ops.order import packed_keys, packed_source
+
+    g = torch.Generator().manual_seed(5)
+    N, L, block = 50, 96, 16
+    rows = []
+    for _ in range(3):
+        order = torch.full((L,), -1, dtype=torch.int32)
+        slots = torch.randperm(L, generator=g)[:N - 7]  # 7 tokens left out, padding scattered
+        order[slots] = torch.randperm(N, generator=g)[:N - 7].to(torch.int32)
+        order[:block] = -1  # one whole block without keys
+        rows.append(order)
+    for order in (rows[0], torch.stack(rows)):
+        packed, starts = packed_keys(order, N, block)
+        index, source = packed_source(order, N)
+        for r, (row, prow, srow, irow, sorow) in enumerate(zip(*(x.reshape(-1, x.shape[-1]) for x in
+                                                                  (order, packed, starts, index, source)))):
+            want, want_starts, want_source = [], [0], []
+            for j in range(L // block):
+                for p in range(j * block, (j + 1) * block):
+                    if row[p] >= 0:
+                        want.append(int(row[p]))
+                        want_source.append(p)
+                want_starts.append(len(want))
+            assert prow.tolist() == want + [-1] * (N - len(want))
+            assert srow.tolist() == want_starts
+            assert sorow.tolist() == want_source + [-1] * (N - len(want))
+            assert all(prow[i] == row[p] for p, i in enumerate(irow.tolist()) if i >= 0)
+            assert (irow >= 0).tolist() == (row >= 0).tolist()
+
+
+@pytest.mark.parametrize("text,where", [(0, "after"), (6, "before")])
+def test_tiles_cut_by_the_grid_edge_copy_no_padding_rows(nan_empty, text, where):
+    """A grid that 8 x 8 tiles do not divide (6 x 12: every tile row ends in a half tile): k and v are
+    copied with N rows each (the packed key order), not the tiled order's padded length, so that one
+    sparse call produces one copy of k and v, the output and the LSE, and nothing else; and the
+    kernel, reading its short key blocks there, is still exact against float64."""
+    c, out, q = _layer_call([{"kind": "sliding_tile", "window": [1, 3, 3]}], text=text, where=where, grid=(2, 6, 12))
+    s = c.summary()
+    assert s["syncs"] == 0 and s["launches"] == (2 if text else 1), s
+    layout = sv.VideoLayout(2, 6, 12, tile=(1, 8, 8), text_len=text, text_position=where)
+    assert layout.token_order("cpu").numel() >= 1.5 * layout.seq_len  # the padded order is much longer
+    size_q = q.numel() * q.element_size()
+    produced = s["allocated_bytes"] + s["written_bytes"] + s["kernel_output_bytes"]
+    text_rows = 2 * text / q.shape[1] * size_q
+    assert produced <= 3 * size_q + text_rows + q.shape[0] * q.shape[2] * q.shape[1] * 4
+    # the real kernel on that layout, with a key mask (a per-element packing) and without
+    mask = sv.masks.build({"kind": "sliding_tile", "window": [1, 3, 3]}, layout, heads=1)
+    order = layout.token_order("cpu")
+    g = torch.Generator().manual_seed(1)
+    qh, kh, vh = (torch.randn(2, 2, layout.seq_len, 32, generator=g) for _ in range(3))
+    key_valid = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    key_valid[0, 5:40] = False
+    for table in (None, sv.ops.key_order(order, key_valid)):
+        o, lse = block_sparse_attention(qh, kh, vh, mask, token_order=order, kv_token_order=table, backend="triton",
+                                        return_lse=True)
+        check_against_reference(o, lse, qh, kh, vh, mask, token_order=order, kv_token_order=table)
 
 
 def test_key_mask_with_one_batch_element_does_not_copy_the_output():

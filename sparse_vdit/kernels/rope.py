@@ -4,8 +4,8 @@ The video DiTs of diffusers rotate q and k (interleaved pairs ``(x[2i], x[2i + 1
 attention, then the tiled attention path copies k (and v) into tiled order. This kernel does both
 at once: it reads x in the model's ``[B, N, H, D]`` layout (any strides), rotates each pair in fp32
 by its token's angle, and writes the result once, either in model order (q: the attention kernel
-reads q through the query order itself) or in tiled order ``[B, H, L, D]`` through a padded token
-order (k: the layout the attention kernel reads its key tiles from), zeros at padding positions.
+reads q through the query order itself) or ``[B, H, L, D]`` along a token order (k, along the packed
+key order: the layout the attention kernel reads its key tiles from), zeros where the order holds -1.
 Tokens outside the rotated range (text tokens beside the video) are copied unrotated.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .mask import BlockSparseMask
-from .order import freeze, frozen, order_facts, table_rows, tiled_position
+from .order import freeze, frozen, order_facts, packed_keys, packed_source, table_rows, tiled_position
 from .torch_backend import (torch_block_sparse_attention, torch_block_sparse_attention_bwd, torch_masked_attention,
                             torch_masked_sdpa)
 
@@ -63,8 +63,8 @@ def block_sparse_attention_op(
     """The forward as one opaque op for torch.compile: (o [B, H, N, D], lse fp32 [B, H, N]).
     The tiled backend also takes the mask's query-tile lists (``BlockSparseMask.query_tiles``), and
     optionally ``head_map`` (int32 [H]: the mask row each head reads), ``head_factor`` (fp32 [H]:
-    each head's factor on ``scale``) and ``kv_tiled`` (k and v given already in tiled order, ``[B, H,
-    L, D]`` along :func:`tiled_key_order`); the tiled backend only."""
+    each head's factor on ``scale``) and ``kv_tiled`` (k and v given already in the packed key
+    order, ``[B, H, N, D]`` along :func:`tiled_key_order`); the tiled backend only."""
     if backend == "triton":
         o, lse = _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, kv_token_order, scale,
                                tile_rows, q_block, kv_block, head_map, head_factor, kv_tiled)
@@ -92,11 +92,11 @@ def _tiled_triton(q, k, v, tile_counts, tile_indices, tile_flags, token_order, k
     from ..kernels import block_sparse_attention_tiled_fwd
 
     t, kt_ = _query_and_key_tables(q, token_order, kv_token_order, tile_counts.shape[-1], tile_rows, kv_block)
-    # Padding positions read token 0 (any finite row): their keys are masked.
-    kt, vt = (k, v) if kv_tiled else (_gather_keys(k, kt_.gather), _gather_keys(v, kt_.gather))
-    o, lse = block_sparse_attention_tiled_fwd(q, t.order, kt, vt, tile_counts, tile_indices, tile_flags, kt_.valid,
-                                              kt_.block_pad, scale, tile_rows, q_block, kv_block, head_map,
-                                              head_factor)
+    # Packed: no padding rows; the positions past the keys read token 0 and are never attended.
+    kt, vt = (k, v) if kv_tiled else (_gather_keys(k, kt_.key_gather), _gather_keys(v, kt_.key_gather))
+    o, lse = block_sparse_attention_tiled_fwd(q, t.order, kt, vt, tile_counts, tile_indices, tile_flags,
+                                              kt_.key_starts, kt_.key_rows, kt_.key_short, scale, tile_rows,
+                                              q_block, kv_block, head_map, head_factor)
     if t.missing is not None:  # tokens the order leaves out (never stored): zeros and LSE -inf
         o.masked_fill_(t.missing[None, None, :, None], 0.0)
         lse.masked_fill_(t.missing[None, None, :], float("-inf"))
@@ -117,18 +117,20 @@ def _query_and_key_tables(q, token_order, kv_token_order, query_tiles: int, tile
 
 def tiled_key_order(q: torch.Tensor, mask: BlockSparseMask, token_order: torch.Tensor | None,
                     kv_token_order: torch.Tensor | None = None) -> torch.Tensor:
-    """int32 ``[L]`` (or ``[B, L]`` for a table of key orders): the padded key order along which the
-    tiled kernel reads k and v, -1 at padding and at keys no query may attend. k and v written in
-    this order (``[B, H, L, D]``, e.g. by :func:`sparse_vdit.ops.rope` with it) go to
-    :func:`block_sparse_attention` with ``kv_tiled=True`` and are never copied again. ``q [B, H, N, D]``
-    gives the length and the device."""
+    """int32 ``[N]`` (or ``[B, N]`` for a table of key orders): the packed key order along which the
+    tiled kernel reads k and v: the keys of the tiled order's key blocks one after another, with no
+    padding between them (:func:`sparse_vdit.ops.order.packed_keys`), then -1 where a row has fewer
+    than N keys (a key mask, an order that leaves tokens out). k and v written in this order (``[B,
+    H, N, D]``, e.g. by :func:`sparse_vdit.ops.rope` with it) go to :func:`block_sparse_attention`
+    with ``kv_tiled=True`` and are never copied again. ``q [B, H, N, D]`` gives N and the device."""
     tile_rows = tiled_kernel_rows(mask.q_block)
     tiles = mask.query_tiles(tile_rows)[0].shape[-1]
     if torch.compiler.is_compiling():  # traced: the same padding, no caches (the op's body keeps its own)
         step = tile_rows * mask.kv_block // math.gcd(tile_rows, mask.kv_block)
         length = max(tiles * tile_rows, token_order.numel() if token_order is not None else q.shape[2])
-        return _tiled_orders(q, token_order, kv_token_order, length, step)[1]
-    return _query_and_key_tables(q, token_order, kv_token_order, tiles, tile_rows, mask.kv_block)[1].order
+        return packed_keys(_tiled_orders(q, token_order, kv_token_order, length, step)[1], q.shape[2],
+                           mask.kv_block)[0]
+    return _query_and_key_tables(q, token_order, kv_token_order, tiles, tile_rows, mask.kv_block)[1].keys
 
 
 def _gather_keys(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
@@ -153,18 +155,22 @@ def _back_to_model(xt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 class _OrderTables:
     """What the tiled path derives from a query order, once per order tensor and shape: the padded
-    order (int32, -1 for padding: the kernel's query order) and its gather positions, key validity
-    (int8 per position and per key block), and the tokens it leaves out (``missing``; None when the
-    order holds every token)."""
+    order (int32, -1 for padding: the kernel's query order), the packed key layout (``keys``, its
+    gather positions and each key block's start: :func:`sparse_vdit.ops.order.packed_keys`), and the
+    tokens it leaves out (``missing``; None when the order holds every token)."""
 
     def __init__(self, q, token_order, length, step, kv_block, keys_only=False, cached=True):
         N = q.shape[2]
         order, _ = _tiled_orders(q, token_order, None, length, step)
         self.order = order  # int32, -1 for padding: the kernel's query order
-        # A [B, L] table of key orders (one per batch element) gathers with int64 indices.
-        self.gather = order.clamp(min=0) if order.dim() == 1 else order.clamp(min=0).long()
-        self.valid = (order >= 0).to(torch.int8)
-        self.block_pad = (self.valid.view(*self.valid.shape[:-1], -1, kv_block) == 0).any(-1).to(torch.int8)
+        self.keys, self.key_starts = packed_keys(order, N, kv_block)
+        # Which rows of each key block's tile are its keys (the first ones), and which blocks are short.
+        counts = self.key_starts[..., 1:] - self.key_starts[..., :-1]
+        self.key_short = (counts < kv_block).to(torch.int8)
+        rows = torch.arange(kv_block, device=order.device, dtype=torch.int32)
+        self.key_rows = (rows < counts[..., None]).to(torch.int8).flatten(-2)
+        # A [B, N] table of key orders (one per batch element) gathers with int64 indices.
+        self.key_gather = self.keys.clamp(min=0) if order.dim() == 1 else self.keys.clamp(min=0).long()
         if keys_only:  # a key order: no way back
             self.missing = None
             return
@@ -211,24 +217,24 @@ def _tiled_orders(q, token_order, kv_token_order, length, step):
 def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, token_order, kv_token_order, scale,
                       q_block, kv_block, num_q_blocks, kv_tiled=False):
     """dq, dk, dv by the Triton backward kernels on contiguous tiled copies (gathered once). With
-    ``kv_tiled``, k and v come in tiled order (the forward's) and dk, dv go back in it."""
+    ``kv_tiled``, k and v come in the forward's packed key order and dk, dv go back in it."""
     from ..kernels import block_sparse_attention_tiled_bwd
 
     B, H, N, D = q.shape
     step = q_block * kv_block // math.gcd(q_block, kv_block)
     # Rounded up to whole query and key blocks, this covers every key block the mask can list.
     length = max(num_q_blocks * q_block, token_order.numel() if token_order is not None else N)
-    if kv_tiled:  # the forward's tiled length (a multiple of step: its tiles are multiples of the query block)
-        length = max(length, k.shape[2])
     order, kv_order = _tiled_orders(q, token_order, kv_token_order, length, step)
     Lt = order.numel()
     q_ok, kv_ok = order >= 0, kv_order >= 0
     qi, ki = order.clamp(min=0), kv_order.clamp(min=0)
     ki = ki if ki.dim() == 1 else ki.long()  # a [B, L] table: one key order per batch element
-    if kv_tiled and k.shape[2] != Lt:
-        raise ValueError(f"tiled k and v have {k.shape[2]} positions, the backward's order {Lt}")
     qt = q.index_select(2, qi)
-    kt, vt = (k.contiguous(), v.contiguous()) if kv_tiled else (_gather_keys(k, ki), _gather_keys(v, ki))
+    if kv_tiled:  # k and v packed (the forward's layout): spread onto the padded tiled order here
+        index, source = packed_source(kv_order, N)
+        kt, vt = _back_to_model(k, index).contiguous(), _back_to_model(v, index).contiguous()
+    else:
+        kt, vt = _gather_keys(k, ki), _gather_keys(v, ki)
     dot = (grad_o.index_select(2, qi) * q_ok[:, None]).contiguous()
     ot = o.index_select(2, qi)
     lse_t = lse.index_select(2, qi)
@@ -241,9 +247,8 @@ def _tiled_triton_bwd(grad_o, grad_lse, q, k, v, o, lse, kv_counts, kv_indices, 
     dqt, dkt, dvt = block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, counts_r, indices_r, counts_c,
                                                      indices_c, kv_valid, kv_block_pad, scale, q_block, kv_block)
     pos_q = tiled_position(order, N)
-    if kv_tiled:  # key padding has no gradient
-        pad = ~kv_ok.view(kv_ok.shape[0] if kv_ok.dim() == 2 else 1, 1, -1, 1)
-        return _back_to_model(dqt, pos_q), dkt.masked_fill(pad, 0.0), dvt.masked_fill(pad, 0.0)
+    if kv_tiled:  # back to the packed layout; packed positions past the keys get no gradient
+        return _back_to_model(dqt, pos_q), _back_to_model(dkt, source), _back_to_model(dvt, source)
     pos_k = tiled_position(kv_order, N)
     return _back_to_model(dqt, pos_q), _back_to_model(dkt, pos_k), _back_to_model(dvt, pos_k)
 
@@ -517,9 +522,12 @@ def _check_order(name, order, q, mask, N, per_batch: bool = False):
     if L % mask.q_block or L % mask.kv_block:
         raise ValueError(f"{name} length {L} must be a multiple of the block sizes ({mask.q_block}, {mask.kv_block})")
     if not torch.compiler.is_compiling():
-        lo, hi, _ = order_facts(order)
+        lo, hi, most, _ = order_facts(order)
         if lo < -1 or hi >= N:
             raise ValueError(f"{name} values must lie in [-1, {N - 1}] (N={N}), got range [{lo}, {hi}]")
+        if most > N:
+            raise ValueError(f"{name} holds {most} tokens in one row but the sequence has {N}: an order lists "
+                             f"each token at most once (the others' positions are -1)")
 
 
 def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_mapped: bool = False,
@@ -535,7 +543,7 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_map
         L = tiled_key_order(q, mask, token_order, kv_token_order).shape[-1]
         want = (*q.shape[:2], L, q.shape[3])
         if not (tuple(k.shape) == tuple(v.shape) == want):
-            raise ValueError(f"with kv_tiled, k and v must be [B, H, L, D] = {want} in the order of tiled_key_order, "
+            raise ValueError(f"with kv_tiled, k and v must be [B, H, N, D] = {want} in the order of tiled_key_order, "
                              f"got {tuple(k.shape)}, {tuple(v.shape)}")
         k = v = q  # the rest of the checks as for model-order keys
     if not (q.shape == k.shape == v.shape):
@@ -601,7 +609,7 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_map
     except ValueError as e:
         raise ValueError(str(e) + swapped()) from None
     if mask.token_order_digest is not None and not torch.compiler.is_compiling():
-        given = order_facts(token_order, digest=True)[2]
+        given = order_facts(token_order, digest=True)[3]
         if given != tuple(mask.token_order_digest):
             raise ValueError(
                 f"token_order is not the order of the layout this mask was built for (mask: {mask.token_order_digest[0]} "
@@ -636,7 +644,7 @@ def _check_head_map(head_map, q, mask) -> None:
     if head_map.device != q.device:
         raise ValueError(f"head_map is on {head_map.device} but q is on {q.device}")
     if not torch.compiler.is_compiling():
-        lo, hi, _ = order_facts(head_map)
+        lo, hi, _, _ = order_facts(head_map)
         if lo < 0 or hi >= mask.heads:
             raise ValueError(f"head_map values must lie in [0, {mask.heads - 1}] (the mask's {mask.heads} rows), "
                              f"got range [{lo}, {hi}]")
@@ -723,9 +731,9 @@ def block_sparse_attention(
         head_factor: optional float32 ``[H]``: head ``h``'s logits are scaled by ``scale *
             head_factor[h]`` (heads at different softmax temperatures: ``1 / temperature``). The
             tiled kernel reads it per head (one launch); the other backends scale q by it.
-        kv_tiled: k and v are given in tiled order, ``[B, H, L, D]`` along :func:`tiled_key_order`
-            (written so by :func:`sparse_vdit.ops.rope`, say): the tiled kernel reads them as they are,
-            with no copy. Backend ``triton`` only (``auto`` on CUDA resolves to it).
+        kv_tiled: k and v are given in the packed key order, ``[B, H, N, D]`` along
+            :func:`tiled_key_order` (written so by :func:`sparse_vdit.ops.rope`, say): the tiled kernel
+            reads them as they are, with no copy. Backend ``triton`` only (``auto`` on CUDA resolves to it).
 
     Returns:
         ``o`` ``[B, H, N, D]`` in q's dtype, and ``lse`` if ``return_lse``. A query with no visible key

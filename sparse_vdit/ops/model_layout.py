@@ -73,15 +73,15 @@ def sparse_attention(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, 
 
 
 def tiled_keys(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, *, key_valid=None, rotary=None):
-    """``(kt, vt, valid)``: k and v of ``[B, N, H, D]`` model-order tensors written once in the tiled
-    key order the tiled kernel reads (``[B, H, L, D]``), k rotated on the way when ``rotary`` =
-    ``(cos, sin, start)`` is given (:func:`sparse_vdit.ops.rope`: one pass instead of a rotation and
-    a copy); ``valid`` bool ``[B or 1, L]``, the positions that hold a key. For
+    """``(kt, vt, valid)``: k and v of ``[B, N, H, D]`` model-order tensors written once in the packed
+    key order the tiled kernel reads (``[B, H, N, D]``: :func:`sparse_vdit.ops.attention.tiled_key_order`),
+    k rotated on the way when ``rotary`` = ``(cos, sin, start)`` is given (:func:`sparse_vdit.ops.rope`:
+    one pass instead of a rotation and a copy); ``valid`` bool ``[B or 1, N]``, the positions that hold a key. For
     :func:`sparse_attention_tiled`, and for dense attention over the same keys (key order does not
     change attention: ``dense_attention(q, kt.transpose(1, 2), vt.transpose(1, 2), key_valid=valid)``)."""
     kv_order = None if key_valid is None else key_order_table(token_order, key_valid)
     order = tiled_key_order(q.transpose(1, 2), mask, token_order, kv_order)
-    gather = order.clamp(min=0) if order.dim() == 1 else order.clamp(min=0).long()  # padding reads token 0 (masked)
+    gather = order.clamp(min=0) if order.dim() == 1 else order.clamp(min=0).long()  # past the keys: token 0 (never read)
     kt = rope(k, *rotary, order=order) if rotary is not None else _gather_keys(k.transpose(1, 2), gather)
     vt = _gather_keys(v.transpose(1, 2), gather)
     valid = order >= 0

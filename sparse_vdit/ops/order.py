@@ -74,7 +74,7 @@ def key_order(order: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     facts = _VALID_ORDERS.get(order)
     if facts is not None and facts[0] == order._version:
         # Within the parent's range by construction: checking it would be a read-back per call.
-        _VALID_ORDERS[keys] = (keys._version, -1, facts[2], None)
+        _VALID_ORDERS[keys] = (keys._version, -1, facts[2], None, facts[4])
     return keys
 
 
@@ -92,26 +92,64 @@ def table_rows(table: torch.Tensor) -> list[torch.Tensor]:
         facts = _VALID_ORDERS.get(table)
         if facts is not None and facts[0] == table._version:
             for r in rows:  # within the table's range: checking them would be a read-back each
-                _VALID_ORDERS[r] = (r._version, facts[1], facts[2], None)
+                _VALID_ORDERS[r] = (r._version, facts[1], facts[2], None, facts[4])
         entry = _TABLE_ROWS[table] = (table._version, rows)
     return entry[1]
 
 
-# Orders already validated, per tensor (by identity) and version: (version, min, max, digest). A
-# steady-state call with the layout's cached order makes no host sync for its checks.
+# Orders already validated, per tensor (by identity) and version: (version, min, max, digest, most
+# positions holding a token in one row). A steady-state call with the layout's cached order makes no
+# host sync for its checks.
 _VALID_ORDERS = WeakIdKeyDictionary()
 
 
-def order_facts(order: torch.Tensor, digest: bool = False) -> tuple[int, int, tuple[int, int] | None]:
-    """(min, max, digest or None) of ``order``, each read back once per order tensor and version (the
-    digest only when asked for)."""
+def order_facts(order: torch.Tensor, digest: bool = False) -> tuple[int, int, int, tuple[int, int] | None]:
+    """(min, max, most positions holding a token in one row, digest or None) of ``order``, read back
+    in one sync once per order tensor and version (the digest only when asked for)."""
     cached = _VALID_ORDERS.get(order)
     if cached is None or cached[0] != order._version:
-        cached = (order._version, int(order.min()), int(order.max()), order_digest(order) if digest else None)
+        lo, hi, most = torch.stack([order.min().long(), order.max().long(),
+                                    (order >= 0).sum(-1).max().long()]).tolist()
+        cached = (order._version, lo, hi, order_digest(order) if digest else None, most)
     elif digest and cached[3] is None:
-        cached = (*cached[:3], order_digest(order))
+        cached = (*cached[:3], order_digest(order), cached[4])
     _VALID_ORDERS[order] = cached
-    return cached[1:]
+    return cached[1], cached[2], cached[4], cached[3]
+
+
+def packed_keys(order: torch.Tensor, length: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed key layout of a padded key order (int32 ``[L]`` or ``[B, L]``, -1 where no key):
+    ``(packed, starts)``. ``packed`` int32 ``[.., length]`` holds the order's keys with the -1
+    positions squeezed out, in order (then -1 to ``length``); ``starts`` int32 ``[.., L // block + 1]``
+    is where each block of ``block`` positions begins in it, so block ``j`` is
+    ``packed[starts[j]:starts[j + 1]]``. k and v copied along ``packed`` carry no padding rows; the
+    tiled kernel reads each key block at its start and masks what lies past its end. ``length``
+    (the sequence length) bounds the keys of a row: an order holds each token at most once."""
+    valid = order >= 0
+    packed = _squeeze(order.to(torch.int32), valid, length, -1)
+    counts = valid.view(*order.shape[:-1], -1, block).sum(-1, dtype=torch.int32)
+    starts = torch.nn.functional.pad(counts.cumsum(-1, dtype=torch.int32), (1, 0))
+    return packed, starts
+
+
+def packed_source(order: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, source)`` int64 of :func:`packed_keys`'s layout: ``index [.., L]``, the packed index
+    of each position of ``order`` (-1 where it holds no key), and ``source [.., length]``, the
+    position of ``order`` each packed index came from (-1 past the keys)."""
+    valid = order >= 0
+    index = torch.where(valid, valid.long().cumsum(-1) - 1, torch.full_like(order, -1, dtype=torch.long))
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return index, _squeeze(positions, valid, length, -1)
+
+
+def _squeeze(values: torch.Tensor, keep: torch.Tensor, length: int, fill: int) -> torch.Tensor:
+    """``values [.., L]`` where ``keep``, moved to the front of ``[.., length]`` in order (``fill``
+    after); one scatter into a spare slot, no boolean indexing, so no host sync."""
+    dest = keep.long().cumsum(-1) - 1
+    slot = torch.where(keep & (dest < length), dest, torch.full_like(dest, length))
+    out = torch.full((*values.shape[:-1], length + 1), fill, dtype=values.dtype, device=values.device)
+    out.scatter_(-1, slot, values)
+    return out[..., :length]
 
 
 def order_digest(order: torch.Tensor | None) -> tuple[int, int] | None:

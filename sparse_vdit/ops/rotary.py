@@ -1,9 +1,10 @@
 """Rotary position embedding (interleaved pairs) as one op that writes where attention reads.
 
 ``rope(x, cos, sin, start)`` rotates ``x [B, N, H, D]`` (model layout) and returns it in model
-order; with ``order`` (a padded token order, ``[L]`` or ``[B, L]``) it returns ``[B, H, L, D]`` in
-that tiled order instead, zeros at padding positions: the layout the tiled attention kernel reads
-its keys from, so that k is written once, rotated and tiled, and never copied again.
+order; with ``order`` (a token order, ``[L]`` or ``[B, L]``, -1 where no token) it returns
+``[B, H, L, D]`` in that order instead, zeros at the -1 positions. Given the packed key order
+(:func:`sparse_vdit.ops.attention.tiled_key_order`), that is the layout the tiled attention kernel
+reads its keys from, so that k is written once, rotated and tiled, and never copied again.
 
 Pairs are ``(x[..., 2i], x[..., 2i + 1])``, rotated by ``cos``/``sin`` fp32 ``[Bc, Nr, Hc, D // 2]``
 (one angle per pair; Bc in (1, B), Hc in (1, H)) for tokens ``start .. start + Nr - 1``; other tokens

@@ -94,7 +94,8 @@ def _int_values(name: str, head_dim: int, block: int) -> dict[str, int]:
             "stride_cb": 0, "stride_ch": 0, "stride_cm": 1,
             "stride_ib": 0, "stride_ih": 0, "stride_im": REP_K, "stride_ik": 1,
             "stride_cn": 1, "stride_in": REP_K + 4,  # the backward's column lists (dK/dV)
-            "stride_vb": 0, "stride_pb": 0,  # one key order for the batch (no key mask)
+            "stride_vb": 0, "stride_pb": 0, "stride_sb": 0,  # one key order for the batch (no key mask)
+            "LK": N,  # the packed key order: one row per token
             "stride_ob": H * N * D, "stride_oh": N * D, "stride_on": D, "stride_od": 1,
             "stride_lb": H * N, "stride_lh": N, "stride_ln": 1,
             "stride_mb": H * Mq * Mk, "stride_mh": Mq * Mk, "stride_mm": Mk, "stride_mk": 1}
@@ -122,7 +123,7 @@ def _signature(name: str, fn, dtype: str, head_dim: int, block: int, tile_rows: 
         elif n in ("kv_valid", "kv_block_pad"):
             sig[n], attrs[(i,)] = "*i8", divisible
         elif n in ("kv_counts", "kv_indices", "token_order", "kv_token_order", "q_order", "tile_counts", "tile_indices",
-                   "tile_flags", "q_counts", "q_indices", "head_map"):
+                   "tile_flags", "q_counts", "q_indices", "head_map", "kv_start"):
             sig[n], attrs[(i,)] = "*i32", divisible
         elif n in ("sm_scale_log2", "sm_scale"):
             sig[n] = "fp32"
