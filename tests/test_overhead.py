@@ -246,3 +246,14 @@ def test_gpu_part_of_the_overhead_bench_runs(monkeypatch):
     assert len(rows) == len(GPU_WINDOWS)
     for row in rows:
         assert all(row[k] > 0 for k in ("kernel_ms", "seam_ms", "stock_rotation_then_seam_ms", "fused_rotary_ms"))
+
+
+def test_an_order_listing_more_tokens_than_the_sequence_is_refused():
+    """The packed key order holds N rows: an order that lists a token twice (more than N positions
+    holding tokens) is refused with what is valid, not packed with keys silently dropped."""
+    layout, mask, q, k, v = _case()
+    order = layout.token_order("cpu")
+    assert (order >= 0).all()  # the order holds every token once: one more block of token 7 is too many
+    order = torch.cat([order, torch.full((mask.kv_block,), 7, dtype=torch.int32)])
+    with pytest.raises(ValueError, match="at most once"):
+        block_sparse_attention(q, k, v, mask, token_order=order, backend="torch")
