@@ -1,6 +1,7 @@
 """Worker for the context-parallel tests: one process per rank (gloo on the CPU). Imported by
 torch.multiprocessing in the spawned processes, so it lives in a module of its own."""
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,9 +39,17 @@ def _model_and_inputs(family):
     return model, forward
 
 
+def _leave():
+    """Wait for every rank before tearing down. Rank 0 hosts the store: were it to leave first (ring
+    mode has no collective after enable_parallelism), a rank still building its one-rank mesh group
+    would find the store gone (DistNetworkError: Broken pipe)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def run(rank, world, port, family, mode, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     # diffusers picks the device as rank % accelerator count: a CPU has none; one stands in for it.
     torch.accelerator.device_count = lambda: 1
     import sparse_vdit as sv
@@ -68,13 +77,13 @@ def run(rank, world, port, family, mode, out_dir):
         plain = {k: torch.from_numpy(v.detach().cpu().numpy().copy()) if isinstance(v, torch.Tensor) else v
                  for k, v in result.items()}
         torch.save(plain, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        _leave()
 
 
 def roundtrip(rank, world, port, out_dir):
     """sequence_to_heads / heads_to_sequence with heads that do not divide by the ranks (3 over 2)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     from sparse_vdit.integration.parallel import Ulysses, heads_to_sequence, sequence_to_heads
 
     try:
@@ -86,4 +95,4 @@ def roundtrip(rank, world, port, out_dir):
         ok = torch.equal(heads, padded[:, :, 2 * rank:2 * rank + 2]) and torch.equal(heads_to_sequence(heads, u, 3), mine)
     finally:
         torch.save({"ok": ok}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        _leave()
