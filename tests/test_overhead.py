@@ -1,5 +1,7 @@
 """The hot path around the kernel: the CPU block-gather path in chunks, CPU ``auto``, and what one
 sparse layer call does on the host (counted with stubbed kernels, as ``bench overhead`` counts it)."""
+import re
+
 import pytest
 import torch
 
@@ -257,3 +259,17 @@ def test_an_order_listing_more_tokens_than_the_sequence_is_refused():
     order = torch.cat([order, torch.full((mask.kv_block,), 7, dtype=torch.int32)])
     with pytest.raises(ValueError, match="at most once"):
         block_sparse_attention(q, k, v, mask, token_order=order, backend="torch")
+
+
+def test_packed_keys_are_refused_off_the_tiled_kernel_or_in_the_wrong_shape():
+    """``kv_tiled`` k and v are read as the tiled kernel's packed key order: another backend, or k and
+    v of another shape, is refused with what is valid rather than read as model-order keys."""
+    layout, mask, q, k, v = _case()
+    order = layout.token_order("cpu")
+    for backend in ("torch", "torch_masked"):
+        with pytest.raises(ValueError, match="needs backend='triton'"):
+            block_sparse_attention(q, k, v, mask, token_order=order, backend=backend, kv_tiled=True)
+    want = (*q.shape[:2], sv.ops.attention.tiled_key_order(q, mask, order, None).shape[-1], q.shape[3])
+    short = k[:, :, :-1]
+    with pytest.raises(ValueError, match=re.escape(f"{want} in the packed key order")):
+        block_sparse_attention(q, short, short, mask, token_order=order, backend="triton", kv_tiled=True)

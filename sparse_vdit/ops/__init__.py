@@ -1,6 +1,6 @@
 """Public tensor API: block-sparse attention, its mask type, the float64 reference, the backends
 (triton / torch / flex), the attention seam at the model layout [B, N, H, D] and the rotary pass that
-writes k in tiled order."""
+writes k in the packed key order."""
 from .attention import BACKENDS, block_sparse_attention, default_backend
 from .device import device_name
 from .mask import BlockSparseMask

@@ -539,11 +539,11 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_map
             raise ValueError(f"{name} must have shape [B, H, N, D], got {tuple(x.shape)}")
     if kv_tiled:
         if backend != "triton":
-            raise ValueError(f"kv_tiled (k and v already in tiled order) needs backend='triton', got {backend!r}")
+            raise ValueError(f"kv_tiled (k and v already in the packed key order) needs backend='triton', got {backend!r}")
         L = tiled_key_order(q, mask, token_order, kv_token_order).shape[-1]
         want = (*q.shape[:2], L, q.shape[3])
         if not (tuple(k.shape) == tuple(v.shape) == want):
-            raise ValueError(f"with kv_tiled, k and v must be [B, H, N, D] = {want} in the order of tiled_key_order, "
+            raise ValueError(f"with kv_tiled, k and v must be [B, H, N, D] = {want} in the packed key order of tiled_key_order, "
                              f"got {tuple(k.shape)}, {tuple(v.shape)}")
         k = v = q  # the rest of the checks as for model-order keys
     if not (q.shape == k.shape == v.shape):
@@ -772,7 +772,7 @@ def block_sparse_attention(
         if backend != "triton":
             return _each_batch_element(q, k, v, mask, scale, return_lse, token_order, kv_token_order, backend)
     if kv_tiled and backend != "triton":
-        raise ValueError(f"kv_tiled (k and v already in tiled order) needs backend='triton', got {backend!r}")
+        raise ValueError(f"kv_tiled (k and v already in the packed key order) needs backend='triton', got {backend!r}")
     if head_map is not None or kv_tiled:  # the tiled kernel, one launch over the patterns' lists
         tile_rows = tiled_kernel_rows(mask.q_block)
         o, lse = block_sparse_attention_op(

@@ -90,7 +90,7 @@ def tiled_keys(q, k, v, mask: BlockSparseMask, token_order: torch.Tensor, *, key
 
 def sparse_attention_tiled(q, kt, vt, mask: BlockSparseMask, token_order: torch.Tensor, *, key_valid=None,
                            scale=None, check: bool = False, head_map=None, head_factor=None) -> torch.Tensor:
-    """:func:`sparse_attention` with k and v already in tiled order (from :func:`tiled_keys`): the
+    """:func:`sparse_attention` with k and v already in the packed key order (from :func:`tiled_keys`): the
     tiled Triton kernel only; q ``[B, N, H, D]`` in model order, output ``[B, N, H, D]``."""
     kv_order = None if key_valid is None else key_order_table(token_order, key_valid)
     return block_sparse_attention(q.transpose(1, 2), kt, vt, mask, token_order=token_order, kv_token_order=kv_order,
