@@ -49,7 +49,7 @@ def _leave():
 
 def run(rank, world, port, family, mode, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     # diffusers picks the device as rank % accelerator count: a CPU has none; one stands in for it.
     torch.accelerator.device_count = lambda: 1
     import sparse_vdit as sv
@@ -83,7 +83,7 @@ def run(rank, world, port, family, mode, out_dir):
 def roundtrip(rank, world, port, out_dir):
     """sequence_to_heads / heads_to_sequence with heads that do not divide by the ranks (3 over 2)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     from sparse_vdit.integration.parallel import Ulysses, heads_to_sequence, sequence_to_heads
 
     try:
