@@ -43,6 +43,38 @@ def test_opcheck_forward_and_backward_ops(backend):
     torch.library.opcheck(block_sparse_attention_bwd_op, bargs)
 
 
+
+def test_opcheck_on_the_packed_key_order_with_a_key_mask_head_map_and_head_factor():
+    """The same checks on the tiled kernel's own path: k and v in the packed key order of a grid its
+    tiles cut (short key blocks), a per-batch key order (a key mask), a head map and per-head factors;
+    the forward op and its backward op with ``kv_tiled``."""
+    from sparse_vdit.ops import tiled_keys
+    from sparse_vdit.ops.attention import tiled_kernel_rows
+    from sparse_vdit.ops.model_layout import key_order_table
+
+    layout = sv.VideoLayout(2, 6, 12, tile=(1, 8, 8), text_len=3, text_position="after")
+    mask = sv.masks.build([{"kind": "sliding_tile", "window": [1, 3, 3]}], layout)
+    order, N, B, H, D = layout.token_order("cpu"), layout.seq_len, 2, 2, 16
+    key_valid = torch.ones(B, N, dtype=torch.bool)
+    key_valid[0, N - 2:] = False
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, N, H, D, generator=g) for _ in range(3))
+    kt, vt, _ = tiled_keys(q, k, v, mask, order, key_valid=key_valid)
+    kv_order = key_order_table(order, key_valid)
+    qh = q.transpose(1, 2).requires_grad_()
+    kt, vt = kt.detach().requires_grad_(), vt.detach().requires_grad_()
+    rows = tiled_kernel_rows(mask.q_block)
+    head_map = torch.zeros(H, dtype=torch.int32)
+    head_factor = torch.tensor([1.0, 0.8])
+    args = (qh, kt, vt, mask.kv_counts, mask.kv_indices, order, kv_order, 0.25, mask.q_block, mask.kv_block,
+            mask.num_q_blocks, "triton", *mask.query_tiles(rows), rows, head_map, head_factor, True)
+    torch.library.opcheck(block_sparse_attention_op, args)
+    o, lse = block_sparse_attention_op(*args)
+    bargs = (torch.randn_like(o), torch.zeros_like(lse), qh.detach(), kt.detach(), vt.detach(), o.detach(),
+             lse.detach(), mask.kv_counts, mask.kv_indices, order, kv_order, 0.25, mask.q_block, mask.kv_block,
+             mask.num_q_blocks, "triton", True)
+    torch.library.opcheck(block_sparse_attention_bwd_op, bargs)
+
 def test_inductor_forward_and_backward_with_diffusers_layout():
     """Inductor asserts the sizes and strides of custom-op outputs against their fakes: the backward's
     fake once kept q's transposed strides while the op returned contiguous gradients."""
