@@ -158,3 +158,28 @@ def test_an_order_rewritten_in_place_without_a_version_bump_is_not_read_from_a_c
                                         kv_token_order=kv)
     torch.testing.assert_close(second.double(), ref, rtol=1e-5, atol=1e-5)
     assert float((second - first).abs().max()) > 1e-3  # the key orders really differ
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video"])  # rotary and text rows (joint attention)
+def test_inductor_compiles_the_fused_rotary_path_in_the_packed_key_order(family):
+    """Backend ``triton`` (what ``auto`` runs on a GPU): k rotated into the packed key order by the rope
+    op, whose order tables a compiled graph builds itself; under inductor, one graph, no recompile,
+    eager's output, and really sparse."""
+    torch._dynamo.reset()
+    model, call = make(family)
+    with torch.no_grad():
+        stock = call(model, batch=2, grid=(2, 8, 8))
+    sv.apply(model, _plan(model, "sparse"), backend="triton")
+    try:
+        with torch.no_grad():
+            eager = call(model, batch=2, grid=(2, 8, 8))
+            compiled = torch.compile(model, fullgraph=True, backend="inductor")
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                first = call(compiled, batch=2, grid=(2, 8, 8))
+                second = call(compiled, batch=2, grid=(2, 8, 8))
+        torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+        assert float((first - stock).norm() / stock.norm()) > 1e-3
+    finally:
+        sv.remove(model)
+        torch._dynamo.reset()
