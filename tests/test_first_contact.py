@@ -137,6 +137,46 @@ def test_steady_state_sparse_backward_makes_no_host_sync(backend):
     assert counter.syncs == [], counter.syncs
 
 
+
+def test_steady_state_fused_path_forward_and_backward_make_no_host_sync(monkeypatch):
+    """k rotated into the packed key order (``tiled_keys``), attention on it (``kv_tiled``), and the
+    backward through both, on a grid its tiles cut and with a key mask: after the first step, no
+    read-back anywhere (the packed tables are cumsums and scatters, not boolean indexing). The
+    forward is counted inside its ops' bodies; the backward with the forward op opaque and the
+    backward op's body in its place."""
+    from torch._library.custom_ops import _maybe_get_opdef
+
+    import sparse_vdit.ops.attention as att
+    from sparse_vdit.ops import rope, sparse_attention_tiled, tiled_keys
+
+    layout = sv.VideoLayout(frames=2, height=6, width=12, tile=(1, 8, 8), text_len=0)
+    mask = sv.masks.build({"kind": "sliding_tile", "window": [1, 3, 3]}, layout, heads=1)
+    order, N = layout.token_order("cpu"), layout.seq_len
+    q, k, v = (torch.randn(2, N, 2, 32, requires_grad=True) for _ in range(3))
+    key_valid = torch.ones(2, N, dtype=torch.bool)
+    key_valid[1, -3:] = False
+    angles = torch.rand(1, N, 1, 16) * 6.28
+    cos, sin = angles.cos(), angles.sin()
+
+    def forward():
+        kt, vt, _ = tiled_keys(q, k, v, mask, order, key_valid=key_valid, rotary=(cos, sin, 0))
+        return sparse_attention_tiled(rope(q, cos, sin), kt, vt, mask, order, key_valid=key_valid)
+
+    forward().square().sum().backward()  # the first step builds the order tables and the backward lists
+    with torch.no_grad(), SyncCounter() as counter:
+        forward()
+    assert counter.syncs == [], f"forward: {counter.syncs}"
+    monkeypatch.setattr(att, "block_sparse_attention_bwd_op",
+                        _maybe_get_opdef("sparse_vdit::block_sparse_attention_bwd")._init_fn)
+    for x in (q, k, v):
+        x.grad = None
+    loss = forward().square().sum()
+    with SyncCounter(run_op_bodies=False) as counter:
+        loss.backward()
+    assert counter.ops["cumsum"] > 0, "the counter did not see inside the backward"
+    assert counter.syncs == [], f"backward: {counter.syncs}"
+    assert all(x.grad.abs().sum() > 0 for x in (q, k, v))
+
 def test_density_is_read_back_once_per_mask():
     mask = _mask()
     first = mask.density()
