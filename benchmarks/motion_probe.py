@@ -36,9 +36,7 @@ PROMPTS = ("a red circle moves right", "a red circle moves left", "a red circle 
 def centroids(video: torch.Tensor) -> list[tuple[float, float]]:
     """(y, x) of the red object in the first and last key frame of ``video`` [3, F, H, W] in [-1, 1]."""
     red = (video[0] - video[1]).clamp(min=0)
-    ys, xs = torch.meshgrid(torch.arange(float(red.shape[1])), torch.arange(float(red.shape[2])), indexing="ij")
-    return [(round(float((red[t] * ys).sum() / red[t].sum()), 1), round(float((red[t] * xs).sum() / red[t].sum()), 1))
-            for t in (0, red.shape[0] - 1)]
+    return [tuple(round(c, 1) for c in shapes.centroid(red[t]).tolist()) for t in (0, red.shape[0] - 1)]
 
 
 def _video(seed: int = 0):

@@ -49,12 +49,12 @@ def scrolling_render(scene: shapes.Scene, generator: torch.Generator) -> torch.T
         video[:, t] = frame * (1 - c) + colour * c
     return video
 
+
 def _centre(frame: torch.Tensor) -> torch.Tensor:
     """(y, x) centroid of a frame's saturated (object) pixels; the background is gray."""
-    sat = (frame.amax(0) - frame.amin(0)).clamp(min=0)
-    sat = (sat - 0.3).clamp(min=0)  # the background's stripes carry no saturation; noise a little
-    ys, xs = shapes.pixel_grid()
-    return torch.stack([(sat * ys).sum(), (sat * xs).sum()]) / sat.sum()
+    # the background's stripes carry no saturation; noise a little
+    sat = (frame.amax(0) - frame.amin(0) - 0.3).clamp(min=0)
+    return shapes.centroid(sat)
 
 
 def probe_uniform(weights: Path, directions=("right", "left", "down", "up"), sigmas=(0.95, 0.8)) -> dict:

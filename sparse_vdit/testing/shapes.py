@@ -239,18 +239,26 @@ def track(video: torch.Tensor):
     v = torch.as_tensor(video, dtype=torch.float32)
     if v.shape[-1] == 3:
         v = v.permute(0, 3, 1, 2)
-    ys, xs = torch.meshgrid(torch.arange(v.shape[2], dtype=torch.float32),
-                            torch.arange(v.shape[3], dtype=torch.float32), indexing="ij")
     centroids, colours = [], []
     for frame in v:
         m = object_pixels(frame)
         if int(m.sum()) < 4:
-            centroids.append((float("nan"), float("nan")))
+            centroids.append(torch.full((2,), float("nan")))
             colours.append(torch.full((3,), float("nan")))
             continue
-        centroids.append((float(ys[m].mean()), float(xs[m].mean())))
+        centroids.append(centroid(m))
         colours.append(frame[:, m].mean(1))
-    return torch.tensor(centroids), torch.stack(colours)
+    return torch.stack(centroids), torch.stack(colours)
+
+
+def centroid(weight: torch.Tensor) -> torch.Tensor:
+    """``(y, x)`` of a non-negative weight map ``[H, W]``, pixel ``(i, j)`` at ``(i, j)``; a bool map
+    gives its pixels' mean position (exactly: integer sums), a soft one (an estimate's saturation,
+    say) its weighted mean. NaN where the map weighs nothing."""
+    w = weight.to(torch.float32)
+    ys = torch.arange(w.shape[0], dtype=torch.float32)[:, None]
+    xs = torch.arange(w.shape[1], dtype=torch.float32)[None, :]
+    return torch.stack([(w * ys).sum(), (w * xs).sum()]) / w.sum()
 
 
 def travel(centroids: torch.Tensor) -> torch.Tensor | None:
