@@ -155,7 +155,7 @@ def block_sparse_attention_tiled_bwd(qt, kt, vt, dot, lse_t, delta_t, kv_counts,
         return t.stride(dim) if t.shape[dim] > 1 else 0
 
     # Rows per program, from the sm_90a compile table (64-row programs spill least at head_dim 128;
-    # fewer rows lose wgmma). The backward is a first version: it still spills at head_dim 128.
+    # fewer rows lose wgmma). dK/dV still spills on sm_90a at head_dim 128 with 128-token key blocks.
     rows_q, rows_k = backward_rows(q_block, kv_block, block_d)
     block_sparse_attention_bwd_dq_kernel[(L // rows_q, B * H)](
         qt, kt, vt, dot, lse_t, delta_t, dq, kv_counts, kv_indices, kv_valid, kv_block_pad,
