@@ -266,9 +266,15 @@ def test_packed_keys_are_refused_off_the_tiled_kernel_or_in_the_wrong_shape():
     v of another shape, is refused with what is valid rather than read as model-order keys."""
     layout, mask, q, k, v = _case()
     order = layout.token_order("cpu")
-    for backend in ("torch", "torch_masked"):
-        with pytest.raises(ValueError, match="needs backend='triton'"):
-            block_sparse_attention(q, k, v, mask, token_order=order, backend=backend, kv_tiled=True)
+    key_valid = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    key_valid[0, -3:] = False
+    per_batch = torch.stack([sv.ops.key_order(order, key_valid[i]) for i in range(2)])
+    for backend in ("torch", "torch_masked", "auto"):  # auto on the CPU is never triton
+        for kv_order in (None, per_batch):  # a per-batch key order once ran element by element, unchecked
+            for check in (False, True):
+                with pytest.raises(ValueError, match="needs backend='triton'"):
+                    block_sparse_attention(q, k, v, mask, token_order=order, kv_token_order=kv_order, backend=backend,
+                                           kv_tiled=True, check=check)
     want = (*q.shape[:2], sv.ops.attention.tiled_key_order(q, mask, order, None).shape[-1], q.shape[3])
     short = k[:, :, :-1]
     with pytest.raises(ValueError, match=re.escape(f"{want} in the packed key order")):

@@ -537,14 +537,12 @@ def _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_map
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape [B, H, N, D], got {tuple(x.shape)}")
-    if kv_tiled:
-        if backend != "triton":
-            raise ValueError(f"kv_tiled (k and v already in the packed key order) needs backend='triton', got {backend!r}")
+    if kv_tiled:  # the backend was checked on entry
         L = tiled_key_order(q, mask, token_order, kv_token_order).shape[-1]
         want = (*q.shape[:2], L, q.shape[3])
         if not (tuple(k.shape) == tuple(v.shape) == want):
-            raise ValueError(f"with kv_tiled, k and v must be [B, H, N, D] = {want} in the packed key order of tiled_key_order, "
-                             f"got {tuple(k.shape)}, {tuple(v.shape)}")
+            raise ValueError(f"with kv_tiled, k and v must be [B, H, N, D] = {want} in the packed key order of "
+                             f"tiled_key_order, got {tuple(k.shape)}, {tuple(v.shape)}")
         k = v = q  # the rest of the checks as for model-order keys
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
@@ -740,15 +738,19 @@ def block_sparse_attention(
         gets zeros and LSE = -inf.
     """
     backend = backend or default_backend(q.device)
-    if kv_tiled and backend == "auto" and q.device.type == "cuda":
-        backend = "triton"
+    if kv_tiled:  # packed keys are the tiled kernel's layout: no other backend may read them
+        if backend == "auto" and q.device.type == "cuda":
+            backend = "triton"
+        if backend != "triton":
+            raise ValueError(f"kv_tiled (k and v already in the packed key order) needs backend='triton', "
+                             f"got {backend!r}")
     if head_map is not None:
         if check:
             _check_head_map(head_map, q, mask)
         if backend == "auto" and q.device.type == "cuda" and \
                 unsupported("triton", q.dtype, q.shape[-1], mask.q_block, mask.kv_block, "cuda") is None:
             backend = "triton"
-        if backend != "triton" and not kv_tiled:
+        if backend != "triton":
             mask, head_map = _expand_heads(mask, head_map), None
     if head_factor is not None:
         if check:
@@ -756,7 +758,7 @@ def block_sparse_attention(
         if backend == "auto" and q.device.type == "cuda" and \
                 unsupported("triton", q.dtype, q.shape[-1], mask.q_block, mask.kv_block, "cuda") is None:
             backend = "triton"
-        if backend != "triton" and not kv_tiled:  # the same logits from q scaled per head (exact in the dtypes these run)
+        if backend != "triton":  # the same logits from q scaled per head (exact in the dtypes these run)
             q, head_factor = q * head_factor.to(q.dtype).view(1, -1, 1, 1), None
     if check:
         _check_inputs(q, k, v, mask, token_order, kv_token_order, backend, heads_mapped=head_map is not None,
@@ -771,8 +773,6 @@ def block_sparse_attention(
             backend = "triton"
         if backend != "triton":
             return _each_batch_element(q, k, v, mask, scale, return_lse, token_order, kv_token_order, backend)
-    if kv_tiled and backend != "triton":
-        raise ValueError(f"kv_tiled (k and v already in the packed key order) needs backend='triton', got {backend!r}")
     if head_map is not None or kv_tiled:  # the tiled kernel, one launch over the patterns' lists
         tile_rows = tiled_kernel_rows(mask.q_block)
         o, lse = block_sparse_attention_op(
